@@ -1,0 +1,69 @@
+"""The ``refflow`` command.
+
+``refflow verify`` runs the registered checks and writes the report; the
+other subcommands are added by the modules that implement them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _progress(stream):
+    def show(i, total, entry, result):
+        if result is None:
+            stream.write(f"[{i + 1}/{total}] {entry.name} (eq {entry.equations}) ... ")
+            stream.flush()
+            return
+        verdict = "ok" if result.passed else "FAILED"
+        stream.write(f"{verdict} ({result.seconds:.1f} s)\n")
+        if not result.passed and result.message:
+            stream.write(f"      {result.message}\n")
+        stream.flush()
+
+    return show
+
+
+def cmd_verify(args) -> int:
+    from refflow.verify.registry import registered, run_checks
+    from refflow.verify.report import summary_line, write_report
+
+    if not registered(quick=args.quick, only=args.only):
+        print(f"refflow verify: --only {args.only!r} matches no check", file=sys.stderr)
+        return 2
+    results = run_checks(quick=args.quick, only=args.only, progress=_progress(sys.stderr))
+    write_report(results, args.out, json_path=args.json, quick=args.quick)
+    print(f"{summary_line(results)}; report in {args.out}/report.md")
+    return 0 if all(r.passed for r in results) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("verify", help="run the verification checks and write the report")
+    p.add_argument("--quick", action="store_true", help="run the quick subset (under a minute)")
+    p.add_argument("--out", default="refflow-report", help="report folder (default: refflow-report)")
+    p.add_argument("--json", default=None, help="also write the JSON report to this path")
+    p.add_argument("--only", default=None, help="comma-separated name patterns (glob or substring)")
+    p.set_defaults(func=cmd_verify)
+
+    for register in _SUBCOMMANDS:
+        register(sub)
+    return parser
+
+
+# Other modules append functions ``register(subparsers)`` here.
+_SUBCOMMANDS: list = []
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
