@@ -164,7 +164,8 @@ def _run_blocked(core, x, fn_of_block, outputs):
     per_row = max(1, core.n_components * core.dim)
     block = max(1, _BLOCK // per_row)
     if isinstance(x, Box) or n <= block:
-        return fn_of_block(x, slice(0, n))
+        whole = fn_of_block(x, slice(0, n))
+        return {key: whole[key] for key in outputs}
     results = {}
     for start in range(0, n, block):
         rows = slice(start, min(n, start + block))

@@ -1,0 +1,302 @@
+r"""Algorithm 1: training a velocity field by conditional flow matching.
+
+Each step draws :math:`x_1 \sim q_1` (with its prompt, if any),
+:math:`t \sim U(0, 1)` and :math:`x_0 \sim \mathcal N(0, I)`, and takes an Adam
+step on the gradient of :math:`\mathcal L_{CFM}` (eq 36/37; eq 38 with
+prompts).  With ``label_dropout = p`` each prompt is replaced by the null
+prompt -1 with probability p, so one model learns both the conditional and the
+unconditional field that classifier-free guidance (eq 40) combines.
+
+Determinism: every random draw comes from one ``numpy.random.Generator`` in a
+fixed order (x_1 and y, then t, then x_0, then the dropout mask), and a
+checkpoint stores that generator's state, so resuming from a checkpoint gives
+the same parameters, bit for bit, as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+from autograd import value_and_grad
+
+from refflow._validation import as_rng, check_points, check_scalar
+from refflow.losses import cfm_loss
+from refflow.paths import AffinePath, make_path
+
+__all__ = ["Adam", "TrainState", "train", "save_checkpoint", "load_checkpoint", "make_sampler"]
+
+CHECKPOINT_FORMAT = "refflow-checkpoint-1"
+
+
+@dataclasses.dataclass
+class Adam:
+    """Adam (Kingma and Ba, 2015) on a flat parameter vector, bias-corrected."""
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    m: np.ndarray | None = None
+    v: np.ndarray | None = None
+    step: int = 0
+
+    def update(self, params, grad):
+        if self.m is None:
+            self.m = np.zeros_like(params)
+            self.v = np.zeros_like(params)
+        self.step += 1
+        # In place: the moments are as large as the model.
+        self.m *= self.beta1
+        self.m += (1.0 - self.beta1) * grad
+        self.v *= self.beta2
+        self.v += (1.0 - self.beta2) * grad * grad
+        m_hat_scale = 1.0 / (1.0 - self.beta1**self.step)
+        v_hat_scale = 1.0 / (1.0 - self.beta2**self.step)
+        return params - self.lr * (self.m * m_hat_scale) / (np.sqrt(self.v * v_hat_scale) + self.eps)
+
+    def hyper(self):
+        return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything needed to continue training exactly where it stopped."""
+
+    params: np.ndarray
+    optimizer: Adam
+    rng: np.random.Generator
+    step: int = 0
+    ema_params: np.ndarray | None = None
+    ema_decay: float | None = None
+    losses: list = dataclasses.field(default_factory=list)
+
+    @property
+    def final_params(self):
+        """The EMA weights when an EMA is kept, else the raw weights."""
+        return self.ema_params if self.ema_params is not None else self.params
+
+
+def make_sampler(target):
+    """A function ``(n, rng) -> (x_1, y)`` from a target object or a sampler callable.
+
+    Accepts a :class:`~refflow.targets.GaussianMixture` (labels when it has
+    them), an :class:`~refflow.targets.Empirical`, or a callable
+    ``sampler(n, rng)`` returning ``x_1`` or ``(x_1, y)``.
+    """
+    if hasattr(target, "sample_with_labels"):
+        labelled = getattr(target, "labels", None) is not None
+
+        def sample(n, rng):
+            x_1, y, _ = target.sample_with_labels(n, rng)
+            return x_1, (y if labelled else None)
+
+        return sample
+    if hasattr(target, "sample"):
+        return lambda n, rng: (target.sample(n, rng), None)
+    if callable(target):
+        def sample(n, rng):
+            out = target(n, rng)
+            return out if isinstance(out, tuple) else (out, None)
+
+        return sample
+    raise TypeError(
+        f"target: expected a GaussianMixture, an Empirical or a callable sampler(n, rng), got {type(target).__name__}"
+    )
+
+
+def train(model, target, path: AffinePath, *, steps: int, batch_size: int = 256, lr: float = 1e-3,
+          rng=None, params=None, ema_decay: float | None = None, label_dropout: float = 0.0,
+          resume: TrainState | None = None, progress: bool = False, on_step=None) -> TrainState:
+    r"""Train ``model`` by Algorithm 1 of the notes (CFM, eq 36–38) with Adam.
+
+    Parameters
+    ----------
+    model : MLP-like
+        ``model.apply(params, t, x, y)``, ``model.init_params(rng)`` and
+        ``model.dim``; ``model.n_classes`` for prompts.
+    target : GaussianMixture, Empirical or callable
+        Source of :math:`x_1` (and prompts); see :func:`make_sampler`.
+    path : AffinePath
+        The conditional path (OT gives eq 37 exactly).
+    steps : int
+        Number of steps to run *in this call* (also when resuming).
+    batch_size, lr : int, float
+    rng : Generator or int
+        Seeds everything (initialisation and batches).  Ignored on resume,
+        where the stored generator continues.
+    params : array, optional
+        Initial parameters (default: ``model.init_params(rng)``).
+    ema_decay : float in (0, 1), optional
+        Keep an exponential moving average of the weights.
+    label_dropout : float in [0, 1)
+        Probability of replacing a prompt by the null prompt -1.
+    resume : TrainState, optional
+        Continue from this state (e.g. from :func:`load_checkpoint`).
+    progress : bool
+        Show a progress line with the running loss on stderr.
+    on_step : callable, optional
+        Called as ``on_step(state)`` after every step.
+
+    Returns
+    -------
+    TrainState
+    """
+    if not isinstance(path, AffinePath):
+        raise TypeError(f"path: expected an AffinePath, got {type(path).__name__}")
+    steps = check_scalar(steps, "steps", low=0, integer=True)
+    batch_size = check_scalar(batch_size, "batch_size", low=1, integer=True)
+    label_dropout = check_scalar(label_dropout, "label_dropout", low=0.0, high=1.0, high_open=True)
+    sampler = make_sampler(target)
+    conditional = bool(getattr(model, "n_classes", None))
+    if label_dropout > 0 and not conditional:
+        raise ValueError("label_dropout: expected 0 for a model without classes (n_classes), got "
+                         f"{label_dropout}")
+    if resume is not None:
+        state = resume
+    else:
+        lr = check_scalar(lr, "lr", low=0.0, low_open=True)
+        rng = as_rng(rng)
+        if params is None:
+            params = model.init_params(rng)
+        params = np.array(params, copy=True)
+        if ema_decay is not None:
+            ema_decay = check_scalar(ema_decay, "ema_decay", low=0.0, high=1.0, low_open=True, high_open=True)
+        state = TrainState(params=params, optimizer=Adam(lr=lr), rng=rng,
+                           ema_params=None if ema_decay is None else params.copy(), ema_decay=ema_decay)
+
+    def loss(p, x_0, x_1, t, y):
+        return cfm_loss(model, p, path, x_0, x_1, t, y)
+
+    loss_and_grad = value_and_grad(loss)
+    d = model.dim
+    bar = _Progress(steps) if progress else None
+    for _ in range(steps):
+        x_1, y = sampler(batch_size, state.rng)
+        x_1 = check_points(x_1, "target sample", d)
+        t = state.rng.random(batch_size)
+        x_0 = state.rng.standard_normal((batch_size, d))
+        if conditional:
+            if y is None:
+                raise ValueError("target: a model with classes needs a target that yields labels")
+            y = np.where(state.rng.random(batch_size) < label_dropout, -1, y)
+        else:
+            y = None
+        value, grad = loss_and_grad(state.params, x_0, x_1, t, y)
+        if not np.isfinite(value):
+            raise FloatingPointError(f"loss became {value} at step {state.step}; lower lr (now {state.optimizer.lr})")
+        state.params = state.optimizer.update(state.params, grad)
+        if state.ema_params is not None:
+            state.ema_params = state.ema_decay * state.ema_params + (1.0 - state.ema_decay) * state.params
+        state.step += 1
+        state.losses.append(float(value))
+        if bar is not None:
+            bar.update(state)
+        if on_step is not None:
+            on_step(state)
+    if bar is not None:
+        bar.close()
+    return state
+
+
+class _Progress:
+    """A one-line progress display with the running (exponentially averaged) loss."""
+
+    def __init__(self, total, stream=sys.stderr):
+        self.total, self.stream, self.done = total, stream, 0
+        self.start = time.perf_counter()
+        self.every = max(1, total // 100)
+        self.running = None
+
+    def update(self, state):
+        self.done += 1
+        value = state.losses[-1]
+        self.running = value if self.running is None else 0.98 * self.running + 0.02 * value
+        if self.done % self.every == 0 or self.done == self.total:
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            self.stream.write(f"\rstep {state.step} ({self.done}/{self.total}) loss {self.running:.4f} "
+                              f"{rate:.0f} steps/s")
+            self.stream.flush()
+
+    def close(self):
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(file, state: TrainState, model, path: AffinePath, extra: dict | None = None) -> None:
+    """Write ``state`` to an ``.npz``: the arrays, and a JSON config under the key ``config``.
+
+    The config holds the model's and the path's configuration, the optimizer's
+    hyper-parameters and step, the random generator's state and ``extra``
+    (e.g. the target's name).  The file is written to a temporary name and
+    renamed, so a crash never leaves a partly written checkpoint.
+    """
+    config = {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.config(),
+        "path": path.config(),
+        "step": state.step,
+        "adam": {**state.optimizer.hyper(), "step": state.optimizer.step},
+        "ema_decay": state.ema_decay,
+        "rng": state.rng.bit_generator.state,
+        "rng_kind": type(state.rng.bit_generator).__name__,
+        "extra": extra or {},
+    }
+    arrays = {"params": state.params, "losses": np.asarray(state.losses, dtype=np.float64),
+              "config": np.array(json.dumps(config))}
+    if state.optimizer.m is not None:
+        arrays["adam_m"], arrays["adam_v"] = state.optimizer.m, state.optimizer.v
+    if state.ema_params is not None:
+        arrays["ema_params"] = state.ema_params
+    file = os.fspath(file)
+    folder = os.path.dirname(os.path.abspath(file))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, file)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(file):
+    """Read a checkpoint; returns ``(model, path, state, extra)``.
+
+    Raises ``ValueError`` naming the file when it is missing, not a refflow
+    checkpoint, or damaged.
+    """
+    from refflow.nn import MLP  # the only model kind a checkpoint stores today
+
+    file = os.fspath(file)
+    if not os.path.isfile(file):
+        raise ValueError(f"model file: {file!r} does not exist")
+    try:
+        with open(file, "rb") as fh:
+            data = dict(np.load(io.BytesIO(fh.read()), allow_pickle=False))
+        config = json.loads(str(data["config"]))
+    except Exception as exc:
+        raise ValueError(f"model file: {file!r} is not a readable refflow checkpoint ({exc})") from None
+    if config.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"model file: {file!r} has format {config.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    model = MLP.from_config(config["model"])
+    path = make_path(config["path"])
+    params = data["params"]
+    if params.shape != (model.n_params,):
+        raise ValueError(f"model file: {file!r} holds {params.shape} parameters, its model needs ({model.n_params},)")
+    adam_cfg = config["adam"]
+    optimizer = Adam(lr=adam_cfg["lr"], beta1=adam_cfg["beta1"], beta2=adam_cfg["beta2"], eps=adam_cfg["eps"],
+                     m=data.get("adam_m"), v=data.get("adam_v"), step=adam_cfg["step"])
+    bit_generator = getattr(np.random, config["rng_kind"])()
+    bit_generator.state = config["rng"]
+    state = TrainState(params=params, optimizer=optimizer, rng=np.random.Generator(bit_generator),
+                       step=config["step"], ema_params=data.get("ema_params"), ema_decay=config["ema_decay"],
+                       losses=data["losses"].tolist())
+    return model, path, state, config["extra"]
