@@ -352,26 +352,26 @@ def _integrate_scipy(method: str, u, x, t0, t1, rtol, atol, t_eval):
         options["lband"] = d - 1
         options["uband"] = d - 1
 
-    # Ask SciPy only for the requested times and t1, so that memory stays
-    # O(len(t_eval)) however many steps are taken; times are passed sorted in
-    # the direction of integration, as solve_ivp requires.
-    requested = np.array([t1]) if t_eval is None else np.append(t_eval, t1)
-    times, inverse = np.unique(requested, return_inverse=True)
-    if t1 < t0:
-        times = times[::-1]
-        inverse = times.size - 1 - inverse
+    # Without t_eval SciPy keeps every accepted step and the last one is the
+    # solver's own end state.  With t_eval it keeps only the requested times
+    # (plus t1, so the end state comes from the same dense output); they are
+    # passed sorted in the direction of integration, as solve_ivp requires.
+    times = inverse = None
+    if t_eval is not None:
+        times, inverse = np.unique(np.append(t_eval, t1), return_inverse=True)
+        if t1 < t0:
+            times = times[::-1]
+            inverse = times.size - 1 - inverse
     sol = scipy.integrate.solve_ivp(
         rhs, (t0, t1), x.reshape(-1), method=method, t_eval=times,
         rtol=rtol, atol=atol, **options,
     )
     if sol.status != 0:
         raise RuntimeError(f"solve_ivp ({method}) failed: {sol.message}")
+    if t_eval is None:
+        return sol.y[:, -1].reshape(n, d).copy(), None, None
     states = sol.y.T.reshape(times.size, n, d)[inverse]
-    ts = xs = None
-    if t_eval is not None:
-        ts = t_eval.copy()
-        xs = states[:-1]
-    return states[-1].copy(), ts, xs
+    return states[-1].copy(), t_eval.copy(), states[:-1]
 
 
 def integrate(
@@ -435,7 +435,12 @@ def integrate(
         ignored by fixed-step methods.
     t_eval : array_like, optional
         Times in the interval at which to record the trajectory, in any
-        order.  SciPy methods interpolate with their dense output.  Fixed-step
+        order, repeats allowed.  SciPy methods interpolate with their dense
+        output (DOP853 then spends 3 extra evaluations per step that holds a
+        requested time, and ``x`` too is read from the interpolant at
+        ``t1``, equal to the step's end point up to rounding).  Without
+        ``t_eval`` SciPy keeps every accepted step internally (memory
+        ``n * d`` per step).  Fixed-step
         methods do not interpolate: each time must lie on the step grid
         :math:`t_0 + k (t_1 - t_0)/n_\text{steps}` (to within ``1e-8`` of a
         step), otherwise ``ValueError``; e.g. ``n_steps=100`` and
@@ -468,8 +473,9 @@ def integrate(
     n, d = x.shape
     if n < 1 or d < 1:
         raise ValueError(f"x: expected at least one point of at least one dimension, got shape {x.shape}")
-    t0 = float(check_time(t0, name="t0"))
-    t1 = float(check_time(t1, name="t1"))
+    # check_scalar, not check_time: one start and one end time for the batch.
+    t0 = check_scalar(t0, "t0", low=0.0, high=1.0)
+    t1 = check_scalar(t1, "t1", low=0.0, high=1.0)
     n_steps = check_scalar(n_steps, "n_steps", low=1, integer=True)
     rtol = check_scalar(rtol, "rtol", low=0.0, low_open=True)
     atol = check_scalar(atol, "atol", low=0.0)
