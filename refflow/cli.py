@@ -6,6 +6,7 @@ other subcommands are added by the modules that implement them.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 __all__ = ["main"]
@@ -51,12 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     for register in _SUBCOMMANDS:
+        if isinstance(register, str):
+            module, _, name = register.partition(":")
+            register = getattr(importlib.import_module(module), name)
         register(sub)
     return parser
 
 
-# Other modules append functions ``register(subparsers)`` here.
-_SUBCOMMANDS: list = []
+# Functions ``register(subparsers)`` (or "module:function" strings) that add subcommands.
+_SUBCOMMANDS: list = [
+    "refflow.train_cli:register",
+    "refflow.cnf_cli:register",
+]
 
 
 def main(argv=None) -> int:
