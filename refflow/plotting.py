@@ -58,3 +58,71 @@ def plot_samples(samples, target=None, title="samples", max_points=5000):
     ax.set_aspect("equal")
     ax.set_title(title)
     return fig
+
+
+def plot_schedules(paths):
+    """alpha_t and sigma_t of each path on [0, 1] (eq 25-34)."""
+    t = np.linspace(0.0, 1.0, 201)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for path in paths:
+        axes[0].plot(t, path.alpha(t), label=repr(path))
+        axes[1].plot(t, path.sigma(t), label=repr(path))
+    axes[0].set_title("alpha_t")
+    axes[1].set_title("sigma_t")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("t")
+    axes[0].legend(fontsize=6)
+    return fig
+
+
+def plot_marginal_fields(marginal, times=(0.0, 0.5, 0.9, 1.0), lim=6.0):
+    """Streamlines of the closed-form field u_t over the density p_t at a few times (eq 16, 19)."""
+    fig, axes = plt.subplots(1, len(times), figsize=(3.2 * len(times), 3.3))
+    for ax, t in zip(np.atleast_1d(axes), times):
+        X, Y, lp = density_grid(lambda p: marginal.log_prob(p, t), lim, n=120)
+        ax.imshow(np.exp(lp), extent=(-lim, lim, -lim, lim), origin="lower", cmap="Blues")
+        g = np.linspace(-lim, lim, 40)
+        GX, GY = np.meshgrid(g, g)
+        U = marginal.velocity(np.stack([GX.ravel(), GY.ravel()], axis=1), t)
+        ax.streamplot(GX, GY, U[:, 0].reshape(GX.shape), U[:, 1].reshape(GX.shape), color="k",
+                      linewidth=0.5, density=0.8, arrowsize=0.6)
+        ax.set_title(f"p_t and u_t, t = {t:g}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig
+
+
+def plot_z_histogram(z, threshold, title="z-scores"):
+    """Histogram of z-scores against the standard normal density and the pass threshold."""
+    z = np.ravel(z)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(z, bins=40, density=True, alpha=0.6, label=f"{z.size} z-scores")
+    g = np.linspace(-max(threshold, np.abs(z).max()) * 1.05, max(threshold, np.abs(z).max()) * 1.05, 300)
+    ax.plot(g, np.exp(-0.5 * g**2) / np.sqrt(2 * np.pi), "k", label="N(0, 1)")
+    for s in (-threshold, threshold):
+        ax.axvline(s, color="tab:red", linestyle="--")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_field_comparison(learned, marginal, t_values=(0.25, 0.75), lim=6.0):
+    """Arrows of a learned field beside the closed-form field at a few times."""
+    fig, axes = plt.subplots(1, len(t_values), figsize=(4 * len(t_values), 4))
+    g = np.linspace(-lim, lim, 15)
+    GX, GY = np.meshgrid(g, g)
+    pts = np.stack([GX.ravel(), GY.ravel()], axis=1)
+    spacing = g[1] - g[0]
+    for ax, t in zip(np.atleast_1d(axes), t_values):
+        u = marginal.velocity(pts, t)
+        v = learned(np.full(len(pts), t), pts)
+        # One arrow scale for both fields, so lengths can be compared.
+        scale = np.percentile(np.linalg.norm(u, axis=1), 95) / (0.9 * spacing)
+        kw = dict(angles="xy", scale_units="xy", scale=scale, alpha=0.6)
+        ax.quiver(pts[:, 0], pts[:, 1], u[:, 0], u[:, 1], color="k", label="closed form (eq 19)", **kw)
+        ax.quiver(pts[:, 0], pts[:, 1], v[:, 0], v[:, 1], color="tab:orange", label="learned", **kw)
+        ax.set_title(f"t = {t:g}")
+        ax.set_aspect("equal")
+    np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower left")
+    return fig

@@ -93,3 +93,34 @@ def test_every_check_has_equations_and_is_named_uniquely():
     assert len(names) == len(set(names))
     assert all(e.equations for e in entries)
     assert any(e.quick for e in entries)
+
+
+def test_html_report_holds_every_check_and_figure(tmp_path):
+    from html.parser import HTMLParser
+
+    out = tmp_path / "r"
+    assert cli.main(["verify", "--only", "paths.*,targets.continuity", "--out", str(out)]) == 0
+    doc = json.loads((out / "report.json").read_text())
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.ids, self.images = set(), []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "section" and "id" in attrs:
+                self.ids.add(attrs["id"])
+            if tag == "img":
+                self.images.append(attrs)
+
+    parser = Collect()
+    parser.feed((out / "index.html").read_text())
+    assert parser.ids == {c["name"] for c in doc["checks"]}
+    with_figures = [c for c in doc["checks"] if c["figure"]]
+    assert len(with_figures) >= 2
+    assert len(parser.images) == len(with_figures)
+    assert all(img["src"].startswith("data:image/png;base64,") for img in parser.images)
+    for c in with_figures:
+        assert (out / c["figure"]).read_bytes()[:4] == b"\x89PNG"
+        assert f"figure of {c['name']}" in {img["alt"] for img in parser.images}

@@ -37,6 +37,8 @@ class Outcome:
     control: str
     control_error: float
     details: dict = dataclasses.field(default_factory=dict)
+    figure: object = None
+    """A matplotlib Figure for the report, or None."""
 
 
 @dataclasses.dataclass
@@ -55,9 +57,10 @@ class CheckResult:
     seed: int
     details: dict
     message: str = ""
+    figure: object = None
 
     def to_json(self) -> dict:
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "figure"}
         for key in ("error", "tolerance", "control_error"):
             value = out[key]
             out[key] = None if value is None or not np.isfinite(value) else float(value)
@@ -167,7 +170,7 @@ def run_check(entry: _Entry, quick: bool = False) -> CheckResult:
         error=float(out.error), tolerance=float(out.tolerance), why=out.why,
         control=out.control, control_error=float(out.control_error),
         control_caught=caught, passed=ok and caught, seconds=seconds, seed=seed,
-        details=out.details, message=message,
+        details=out.details, message=message, figure=out.figure,
     )
 
 

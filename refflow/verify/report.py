@@ -1,10 +1,14 @@
-"""Write the verification report: ``report.json`` and ``report.md``.
+"""Write the verification report: ``index.html`` (self-contained, figures embedded),
+``report.md``, ``report.json`` and the figures as PNG files.
 
 Files are written to a temporary name and renamed into place, so a report
 folder never holds a partly written file.
 """
 from __future__ import annotations
 
+import base64
+import html
+import io
 import json
 import os
 import platform
@@ -15,17 +19,22 @@ import numpy as np
 
 from refflow.verify.registry import CheckResult
 
-__all__ = ["write_report", "atomic_write_text", "summary_line"]
+__all__ = ["write_report", "atomic_write_text", "atomic_write_bytes", "summary_line"]
 
 
 def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -58,7 +67,7 @@ def _fmt(v) -> str:
     return f"{v:.3g}"
 
 
-def _markdown(results: list[CheckResult], meta: dict) -> str:
+def _markdown(results: list[CheckResult], meta: dict, pngs: dict) -> str:
     lines = [
         "# refflow verification report",
         "",
@@ -90,23 +99,108 @@ def _markdown(results: list[CheckResult], meta: dict) -> str:
         ]
         if r.message:
             lines.append(f"- note: {r.message}")
+        if r.name in pngs:
+            lines.append(f"\n![{r.name}](figures/{r.name}.png)")
         lines.append("")
     return "\n".join(lines)
 
 
+def _render_figures(results: list[CheckResult]) -> dict:
+    """PNG bytes of each check's figure, by check name; the figures are closed."""
+    import matplotlib.pyplot as plt
+
+    pngs = {}
+    for r in results:
+        if r.figure is None:
+            continue
+        buf = io.BytesIO()
+        try:
+            r.figure.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+            pngs[r.name] = buf.getvalue()
+        finally:
+            plt.close(r.figure)
+            r.figure = None
+    return pngs
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; width: 100%; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+.pass { color: #146c2e; font-weight: 600; } .fail { color: #b00020; font-weight: 700; }
+section.check { border-top: 2px solid #ddd; margin-top: 1.5em; padding-top: 0.5em; }
+img { max-width: 100%; border: 1px solid #eee; }
+code { background: #f6f6f6; padding: 0 0.2em; }
+dt { font-weight: 600; margin-top: 0.4em; } dd { margin-left: 1.2em; }
+"""
+
+
+def _html(results: list[CheckResult], meta: dict, pngs: dict) -> str:
+    e = html.escape
+    rows = []
+    for r in results:
+        verdict = '<span class="pass">passed</span>' if r.passed else '<span class="fail">FAILED</span>'
+        rows.append(
+            f'<tr><td><a href="#{e(r.name)}"><code>{e(r.name)}</code></a></td><td>{e(r.equations)}</td>'
+            f"<td>{e(_fmt(r.error))}</td><td>{e(_fmt(r.tolerance))}</td><td>{e(_fmt(r.control_error))}</td>"
+            f"<td>{verdict}</td><td>{r.seconds:.2f}</td></tr>"
+        )
+    sections = []
+    for r in results:
+        verdict = '<span class="pass">passed</span>' if r.passed else '<span class="fail">FAILED</span>'
+        figure = ""
+        if r.name in pngs:
+            data = base64.b64encode(pngs[r.name]).decode("ascii")
+            figure = f'<figure><img alt="figure of {e(r.name)}" src="data:image/png;base64,{data}"></figure>'
+        note = f"<dt>note</dt><dd>{e(r.message)}</dd>" if r.message else ""
+        sections.append(
+            f'<section class="check" id="{e(r.name)}"><h2><code>{e(r.name)}</code> (eq {e(r.equations)}): '
+            f"{verdict}</h2><dl>"
+            f"<dt>compared</dt><dd>{e(r.compared)}</dd>"
+            f"<dt>error / tolerance</dt><dd>{e(_fmt(r.error))} / {e(_fmt(r.tolerance))}</dd>"
+            f"<dt>why this tolerance</dt><dd>{e(r.why)}</dd>"
+            f"<dt>negative control</dt><dd>{e(r.control)}: error {e(_fmt(r.control_error))} "
+            f"({'caught' if r.control_caught else 'NOT caught'})</dd>"
+            f"<dt>seed, time</dt><dd>{r.seed}, {r.seconds:.2f} s</dd>{note}</dl>{figure}</section>"
+        )
+    env = meta["environment"]
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>refflow verification report</title>"
+        f"<style>{_CSS}</style></head><body><h1>refflow verification report</h1>"
+        f"<p><strong>{e(summary_line(results))}</strong> ({'quick' if meta.get('quick') else 'full'} run, "
+        f"{e(env['date'])}; numpy {e(env['numpy'])}, scipy {e(env['scipy'])}, numba {e(env['numba'])}, "
+        f"Python {e(env['python'])}).</p>"
+        "<p>Each check compares what refflow computes with ground truth and runs a negative control, a planted "
+        "wrong variant that the same comparison must reject. A check passes when its error is within the "
+        "tolerance and its control's error is not.</p>"
+        "<table><tr><th>check</th><th>equations</th><th>error</th><th>tolerance</th><th>control error</th>"
+        "<th>result</th><th>seconds</th></tr>" + "".join(rows) + "</table>" + "".join(sections) + "</body></html>"
+    )
+
+
 def write_report(results: list[CheckResult], out_dir: str, json_path: str | None = None,
                  quick: bool = False) -> dict:
-    """Write ``report.json`` and ``report.md`` into ``out_dir``; return the JSON document."""
+    """Write ``index.html``, ``report.md``, ``report.json`` and ``figures/*.png`` into ``out_dir``.
+
+    Returns the JSON document.
+    """
     meta = {"quick": quick, "environment": _environment()}
+    pngs = _render_figures(results)
     doc = {
         "summary": {"passed": sum(r.passed for r in results), "failed": sum(not r.passed for r in results),
                     "total": len(results)},
         "meta": meta,
-        "checks": [r.to_json() for r in results],
+        "checks": [
+            {**r.to_json(), "figure": f"figures/{r.name}.png" if r.name in pngs else None} for r in results
+        ],
     }
+    for name, png in pngs.items():
+        atomic_write_bytes(os.path.join(out_dir, "figures", f"{name}.png"), png)
     text = json.dumps(doc, indent=2, allow_nan=False)
     atomic_write_text(os.path.join(out_dir, "report.json"), text)
     if json_path:
         atomic_write_text(json_path, text)
-    atomic_write_text(os.path.join(out_dir, "report.md"), _markdown(results, meta))
+    atomic_write_text(os.path.join(out_dir, "report.md"), _markdown(results, meta, pngs))
+    atomic_write_text(os.path.join(out_dir, "index.html"), _html(results, meta, pngs))
     return doc

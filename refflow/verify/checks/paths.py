@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 from autograd import elementwise_grad
 
+from refflow.plotting import plot_schedules
 from refflow.paths import CosinePath, LinearVPPath, OTPath, PolynomialPath, VEPath, VPPath
 from refflow.verify.registry import Outcome, register
 from refflow.verify.stats import EXACT_TOL, rel_err
@@ -54,7 +55,7 @@ def check_derivatives(rng, quick):
         error=max(errors.values()), tolerance=EXACT_TOL,
         why="exact formulas evaluated in float64: only rounding separates them",
         control="VP path with alpha_t' missing the factor 1/2", control_error=control,
-        details={"per_path": errors},
+        details={"per_path": errors}, figure=plot_schedules(all_paths()),
     )
 
 

@@ -6,7 +6,8 @@ import numpy as np
 from autograd import elementwise_grad
 
 from refflow import autodiff
-from refflow.paths import VPPath
+from refflow.paths import OTPath, VPPath
+from refflow.plotting import plot_marginal_fields, plot_z_histogram
 from refflow.targets import eight_gaussians, monte_carlo_velocity, random_mixture
 from refflow.verify.checks.paths import all_paths
 from refflow.verify.registry import Outcome, register
@@ -77,6 +78,7 @@ def check_marginal_monte_carlo(rng, quick):
             f"(points with effective sample size < {MIN_ESS:g} skipped)",
         control="marginal field with the sigma_t sigma_t' term dropped (VP path)",
         control_error=float(max(control_z)), details=details,
+        figure=plot_z_histogram(z_all, threshold, "closed-form u_t vs Monte-Carlo eq 19"),
     )
 
 
@@ -115,6 +117,7 @@ def check_continuity(rng, quick):
         why="an exact identity; autograd derivatives of float64 closed forms",
         control="marginal field with the sigma_t sigma_t' term dropped",
         control_error=control, details=errors,
+        figure=plot_marginal_fields(eight_gaussians().marginal(OTPath())),
     )
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from refflow.nn import MLP
 from refflow.paths import OTPath
+from refflow.plotting import plot_field_comparison, plot_samples
 from refflow.solvers import sample
 from refflow.targets import eight_gaussians
 from refflow.train import train
@@ -58,6 +59,7 @@ def check_learned_field(rng, quick):
         error=err, tolerance=FIELD_TOL, why=FIELD_WHY,
         control="the trained network queried with time reversed (t -> 1 - t)", control_error=control,
         details={"hidden": list(model.hidden), "points": n},
+        figure=plot_field_comparison(lambda t, x: model.apply(params, t, x), m),
     )
 
 
@@ -83,6 +85,7 @@ def check_sample_quality(rng, quick):
         why="an absolute gap in nats; the sampling noise of each mean is about 0.02 nats, the rest is the "
             "model's error, which train.learned_field bounds; 0.3 nats is a tenth of the target's entropy scale",
         control="samples drawn with the time argument reversed", control_error=control,
+        figure=plot_samples(sol.x, target, title="RK4 samples of the trained model over q_1"),
         details={"mean_loglik_model": float(np.mean(target.log_prob(sol.x))),
                  "mean_loglik_true": float(np.mean(target.log_prob(reference))), "nfe": sol.nfe},
     )
