@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 _SUBCOMMANDS: list = [
     "refflow.train_cli:register",
     "refflow.cnf_cli:register",
+    "refflow.validate_cli:register",
 ]
 
 

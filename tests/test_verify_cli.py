@@ -66,7 +66,8 @@ def test_verify_writes_report_schema(tmp_path):
     md = (out / "report.md").read_text()
     assert all(f"`{c['name']}`" in md for c in doc["checks"])
     # no temporary files left behind
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["figures", "index.html", "report.json", "report.md"]
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["paths.derivatives.png"]
 
 
 def test_only_matching_nothing_is_an_error(tmp_path, capsys):
