@@ -6,7 +6,6 @@ closed forms and the hand-written kernels are checked against these.
 from __future__ import annotations
 
 import autograd.numpy as anp
-import numpy as np
 from autograd import elementwise_grad
 
 __all__ = ["divergence", "jacobian_pointwise"]
@@ -25,7 +24,8 @@ def divergence(fn, x):
     ----------
     fn : callable
         Maps points (n, d) to vectors (n, d), each output row depending only
-        on the same input row, written with ``autograd.numpy``.
+        on the same input row, written with ``autograd.numpy``.  Nestable like
+        :func:`jacobian_pointwise`.
     x : array, shape (n, d)
 
     Returns
@@ -33,11 +33,16 @@ def divergence(fn, x):
     array, shape (n,)
         Uses d reverse passes, one per output coordinate.
     """
-    x = np.asarray(x, dtype=np.float64)
-    return sum(_column_grad(fn, x, i)[:, i] for i in range(x.shape[1]))
+    d = anp.shape(x)[1]
+    return sum(_column_grad(fn, x, i)[:, i] for i in range(d))
 
 
 def jacobian_pointwise(fn, x):
-    """Per-point Jacobians ``J[n, i, j] = d fn(x)[n, i] / d x[n, j]``, by autograd; shape (n, d, d)."""
-    x = np.asarray(x, dtype=np.float64)
-    return np.stack([_column_grad(fn, x, i) for i in range(x.shape[1])], axis=1)
+    """Per-point Jacobians ``J[n, i, j] = d fn(x)[n, i] / d x[n, j]``, by autograd; shape (n, d, d).
+
+    ``d`` reverse passes give all ``n`` Jacobians (not one ``(n d) x (n d)``
+    matrix).  Nestable: it may be called inside a function that autograd
+    differentiates.
+    """
+    d = anp.shape(x)[1]
+    return anp.stack([_column_grad(fn, x, i) for i in range(d)], axis=1)

@@ -47,12 +47,13 @@ import math
 
 import autograd.numpy as anp
 import numpy as np
-from autograd import elementwise_grad, make_vjp, value_and_grad
+from autograd import make_vjp, value_and_grad
 from autograd.extend import defvjp_argnums, primitive
 from autograd.misc import flatten
 from autograd.tracer import Box, getval
 
 from refflow._validation import as_rng, check_points, check_scalar
+from refflow.autodiff import jacobian_pointwise
 
 __all__ = [
     "FixedPointError",
@@ -129,23 +130,8 @@ def base_log_prob(x_0):
     return -0.5 * anp.sum(x_0 ** 2, axis=1) - 0.5 * d * _LOG_2PI
 
 
-def jacobian_autograd(fn, x):
-    r"""Per-point Jacobians :math:`J_{fn}(x_i)` by reverse-mode autograd.
-
-    ``fn`` must map ``(n, d) -> (n, d)`` row by row (row ``i`` of the output
-    depends on row ``i`` of the input only).  Then the gradient of the sum
-    over points of output coordinate ``j`` is, row by row, the ``j``-th row
-    of each point's Jacobian, so ``d`` backward passes give all ``n``
-    Jacobians instead of one ``(n d) x (n d)`` matrix.  Nestable: it may be
-    called inside a function that autograd differentiates.
-
-    Returns
-    -------
-    array, shape (n, d, d) with ``J[i, j, k] = d fn_j / d x_k`` at point ``i``.
-    """
-    d = anp.shape(x)[1]
-    rows = [elementwise_grad(lambda z, j=j: fn(z)[:, j])(x) for j in range(d)]
-    return anp.stack(rows, axis=1)
+# Per-point Jacobians by autograd (d reverse passes; nestable): refflow.autodiff.
+jacobian_autograd = jacobian_pointwise
 
 
 def logdet_autograd(fn, x):
