@@ -1,0 +1,276 @@
+"""Sphinx configuration of the refflow documentation.
+
+Build (warnings are errors)::
+
+    pip install -e ".[docs]"
+    python -m sphinx -W -b html docs docs/_build/html
+
+Pages are Markdown (myst-parser); mathematics is rendered by MathJax through
+myst's ``dollarmath`` and ``amsmath`` extensions.  Code shown beside an
+equation is pulled from the source with ``literalinclude`` and ``:pyobject:``,
+so a renamed or deleted object fails the build instead of going stale.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:  # the package is installed editable; this is for a bare checkout
+    sys.path.insert(0, ROOT)
+
+project = "refflow"
+author = "refflow contributors"
+copyright = "refflow contributors"
+
+try:
+    import refflow
+
+    release = version = refflow.__version__
+except Exception:  # pragma: no cover - the API page will then fail loudly
+    release = version = "unknown"
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+]
+
+source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
+root_doc = "index"
+
+# Only the pages are sources: not the build, not the tutorial scripts (they are
+# shown by literalinclude), not this file.
+exclude_patterns = [
+    "_build",
+    "Thumbs.db",
+    ".DS_Store",
+    "**/.ipynb_checkpoints",
+    "tutorials/*.py",
+    "tutorials/**/*.py",
+    "README.md",
+]
+
+# -- MyST -----------------------------------------------------------------------
+myst_enable_extensions = [
+    "dollarmath",   # $...$ and $$...$$
+    "amsmath",      # \begin{aligned} ... blocks
+    "colon_fence",  # ::: admonitions
+]
+myst_dmath_double_inline = True
+myst_heading_anchors = 3
+
+# -- autodoc / napoleon -----------------------------------------------------------
+autodoc_default_options = {
+    "members": True,
+    "member-order": "bysource",
+}
+autodoc_typehints = "signature"
+autodoc_preserve_defaults = True
+napoleon_google_docstring = False
+napoleon_numpy_docstring = True
+napoleon_use_rtype = False
+
+# -- HTML -------------------------------------------------------------------------
+html_theme = "alabaster"
+html_title = "refflow"
+html_static_path: list[str] = []
+html_show_sourcelink = False
+
+# Sections that napoleon turns into fields.  Any other underlined heading inside a
+# docstring ("Network", "Parameter layout", "Derivatives", ...) would be a section
+# title nested in an autodoc directive, which docutils rejects; it is shown as a
+# rubric instead (see ``_headings_to_rubrics``).
+_NAPOLEON_SECTIONS = {
+    "args", "arguments", "attention", "attributes", "caution", "danger", "error",
+    "example", "examples", "hint", "important", "keyword args", "keyword arguments",
+    "methods", "note", "notes", "other parameters", "parameters", "receive", "receives",
+    "return", "returns", "raise", "raises", "references", "see also", "tip", "todo",
+    "warning", "warnings", "warn", "warns", "yield", "yields",
+}
+_UNDERLINE = re.compile(r"^\s*([-=~^\"'`#*+])\1{2,}\s*$")
+
+
+def _headings_to_rubrics(app, what, name, obj, options, lines):
+    """Turn non-napoleon ``Title / -----`` headings of a docstring into ``.. rubric::``.
+
+    A title may span several lines (the paragraph just above the underline).
+    Runs before napoleon (lower priority number) and edits ``lines`` in place.
+    """
+    out: list[str] = []
+    for line in lines:
+        if _UNDERLINE.match(line) and out and out[-1].strip():
+            # the paragraph above the underline is the title
+            k = len(out)
+            while k > 0 and out[k - 1].strip() and not _UNDERLINE.match(out[k - 1]):
+                k -= 1
+            title = " ".join(part.strip() for part in out[k:])
+            if title.lower() in _NAPOLEON_SECTIONS:
+                out.append(line)
+                continue
+            indent = out[k][: len(out[k]) - len(out[k].lstrip())]
+            del out[k:]
+            out += [f"{indent}.. rubric:: {title}", ""]
+            continue
+        out.append(line)
+    lines[:] = out
+
+
+_INLINE_LITERAL = re.compile(r"(``.+?``|:\w+:`[^`]*`|`[^`]*`_?)")
+_DIRECTIVE_WITH_BODY = re.compile(r"^(\s*)\.\. (math|code-block|code|literalinclude)::")
+_TWO_COLUMN = re.compile(r"^(\s*)(:\w+:`[^`]+`)\s{2,}(\S.*)$")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _escape_pipes(app, what, name, obj, options, lines):
+    r"""Escape ``|`` in docstring prose, where docutils reads ``|a - b|`` as a substitution.
+
+    Plain-text docstrings write absolute values as ``|x|``; inside inline
+    literals, roles (``:math:`|x|```), math blocks and literal blocks the pipes
+    are left alone.
+    """
+    out = []
+    block_indent = None  # indentation of the directive / "::" paragraph whose body we are in
+    for line in lines:
+        if block_indent is not None:
+            if not line.strip() or _indent(line) > block_indent:
+                out.append(line)
+                continue
+            block_indent = None
+        m = _DIRECTIVE_WITH_BODY.match(line)
+        if m:
+            block_indent = len(m.group(1))
+            out.append(line)
+            continue
+        if line.rstrip().endswith("::"):
+            block_indent = _indent(line)
+        if "|" in line:
+            parts = _INLINE_LITERAL.split(line)
+            line = "".join(p if i % 2 else p.replace("|", r"\|") for i, p in enumerate(parts))
+        out.append(line)
+    lines[:] = out
+
+
+def _two_column_lists(app, what, name, obj, options, lines):
+    """Turn an aligned two-column list (``:class:`X`   description`` with indented
+    continuation lines) into a definition list, which docutils accepts."""
+    out = []
+    i = 0
+    while i < len(lines):
+        m = _TWO_COLUMN.match(lines[i])
+        if m:
+            indent, term, desc = m.groups()
+            j = i + 1
+            cont = []
+            while j < len(lines) and lines[j].strip() and _indent(lines[j]) > len(indent) \
+                    and not _TWO_COLUMN.match(lines[j]):
+                cont.append(lines[j].strip())
+                j += 1
+            # only rewrite real two-column blocks: a neighbour in the same format
+            prev_ok = out and _TWO_COLUMN.match(out[-1] if out[-1].strip() else "")
+            next_ok = j < len(lines) and _TWO_COLUMN.match(lines[j])
+            if cont or prev_ok or next_ok:
+                out += [indent + term, indent + "    " + " ".join([desc] + cont), ""]
+                i = j
+                continue
+        out.append(lines[i])
+        i += 1
+    lines[:] = out
+
+
+# -- directives ---------------------------------------------------------------------
+import importlib.util  # noqa: E402
+
+from docutils import nodes  # noqa: E402
+from docutils.parsers.rst import directives  # noqa: E402
+from docutils.statemachine import StringList  # noqa: E402
+from sphinx.util.docutils import SphinxDirective  # noqa: E402
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def _in_markdown(state) -> bool:
+    """Whether nested content is parsed by MyST (Markdown) rather than reStructuredText."""
+    try:
+        from myst_parser.mocking import MockState
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(state, MockState)
+
+
+class _GeneratedContent(SphinxDirective):
+    """A directive that writes source text (Markdown or RST, whichever the page is in) and parses it."""
+
+    def emit(self, markdown: list[str], rst: list[str]):
+        lines = markdown if _in_markdown(self.state) else rst
+        node = nodes.container()
+        self.state.nested_parse(StringList(lines, source=self.get_source_info()[0]), self.content_offset, node)
+        return node.children
+
+
+class OptionalAutomodule(_GeneratedContent):
+    """``automodule`` for a module that may not exist yet (written concurrently).
+
+    When the module exists it is documented exactly as ``automodule`` would (an
+    import error then fails the build as usual); when it does not, a "planned"
+    note is shown instead.
+    """
+
+    required_arguments = 1
+    option_spec = {"no-members": directives.flag, "planned": directives.unchanged}
+
+    def run(self):
+        name = self.arguments[0]
+        if _module_exists(name):
+            rst = [f".. automodule:: {name}"] + (["   :no-members:"] if "no-members" in self.options else [])
+            return self.emit(["```{eval-rst}", *rst, "```"], rst)
+        what = self.options.get("planned") or "this module"
+        text = (f"**Planned:** `{name}` ({what}) is not in the package yet; "
+                "its reference appears here once it lands.")
+        rst_text = text.replace("`", "``")
+        return self.emit(["```{note}", text, "```"], [".. note::", "", f"   {rst_text}"])
+
+
+class RefflowChecks(_GeneratedContent):
+    """A table of the checks registered in ``refflow verify``, read from the registry at build time.
+
+    ``:only:`` takes the same patterns as ``refflow verify --only``.
+    """
+
+    option_spec = {"only": directives.unchanged}
+
+    def run(self):
+        from refflow.verify.registry import registered
+
+        only = self.options.get("only")
+        entries = registered(only=only)
+        if not entries:
+            raise self.error(f"refflow-checks: no registered check matches {only!r}")
+        md = ["| check | equations | in `--quick` | run it |", "|---|---|---|---|"]
+        rst = [".. list-table::", "   :header-rows: 1", "",
+               "   * - check", "     - equations", "     - in ``--quick``", "     - run it"]
+        for e in entries:
+            quick = "yes" if e.quick else "no"
+            md.append(f"| `{e.name}` | {e.equations} | {quick} | `refflow verify --only {e.name}` |")
+            rst += [f"   * - ``{e.name}``", f"     - {e.equations}", f"     - {quick}",
+                    f"     - ``refflow verify --only {e.name}``"]
+        return self.emit(md, rst)
+
+
+def setup(app):
+    app.add_directive("optional-automodule", OptionalAutomodule)
+    app.add_directive("refflow-checks", RefflowChecks)
+    app.connect("autodoc-process-docstring", _headings_to_rubrics, priority=100)
+    app.connect("autodoc-process-docstring", _two_column_lists, priority=101)
+    app.connect("autodoc-process-docstring", _escape_pipes, priority=102)
