@@ -17,7 +17,7 @@ FAMILY_ALPHA = 1e-3
 
 
 def rel_err(a, b) -> float:
-    """max |a - b| / max |b|: the error relative to the scale of the reference ``b``."""
+    """``max|a - b| / max|b|``: the error relative to the scale of the reference ``b``."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     scale = max(float(np.max(np.abs(b))) if b.size else 0.0, np.finfo(float).tiny)
