@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 
 import numpy as np
+
+from refflow._io import atomic_savez
 
 __all__ = ["register", "cmd_likelihood"]
 
@@ -81,19 +82,6 @@ def _load_points(file) -> np.ndarray:
     )
 
 
-def _write_npz_atomic(file, **arrays) -> None:
-    folder = os.path.dirname(os.path.abspath(file))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _solve(field, x, args, rng):
     from refflow import cnf
 
@@ -140,7 +128,7 @@ def _run(args) -> int:
     # The plot first: a failure there must not leave a half-finished set of outputs.
     if args.plot is not None:
         _plot(args, model, path, field, extra, x_1, rng)
-    _write_npz_atomic(args.out, **out)
+    atomic_savez(args.out, **out)
     print(f"log p of {x_1.shape[0]} points: mean {res.log_p.mean():.6g} ({res.divergence} divergence, "
           f"{res.method}, {res.nfe} evaluations); written to {args.out}")
     return 0
@@ -158,12 +146,8 @@ def _check_points_arg(points, d):
 def _plot(args, model, path, field, extra, x_1, rng):
     if model.dim != 2:
         raise _UsageError(f"--plot: needs a 2-D model, this one has d = {model.dim}")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from refflow import targets
+    from refflow.plotting import plt, save_figure
 
     target = None
     name = extra.get("target") if isinstance(extra, dict) else None
@@ -196,15 +180,4 @@ def _plot(args, model, path, field, extra, x_1, rng):
         ax.set_aspect("equal")
         fig.colorbar(im, ax=ax, shrink=0.85)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(args.plot))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, args.plot)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    finally:
-        plt.close(fig)
+    save_figure(fig, args.plot)

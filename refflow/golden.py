@@ -24,13 +24,13 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zipfile
 import zlib
 
 import numpy as np
 
 import refflow
+from refflow._io import atomic_write_bytes
 from refflow.validate import _f32_exact, _finite_pair_velocity_at_one, catalog, get_case
 from refflow.solvers import guided_field
 
@@ -179,34 +179,12 @@ def _npz_bytes(arrays: dict) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        # mkstemp creates the file private (0600); give it the permissions of an ordinary file
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def write_npz(path: str, arrays: dict) -> str:
     """Write ``arrays`` as a reproducible ``.npz`` (readable by ``numpy.load``); return its SHA-256."""
     if not isinstance(arrays, dict) or not all(isinstance(k, str) for k in arrays):
         raise TypeError("arrays: expected a dict from str names to arrays")
     data = _npz_bytes(arrays)
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -277,5 +255,5 @@ def write_golden(out_dir: str, cases=None) -> dict:
         hashes[case.name] = write_npz(os.path.join(out_dir, case_file_name(case)), case_arrays(case))
     doc = manifest(cases, hashes)
     text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
-    _atomic_write_bytes(os.path.join(out_dir, "manifest.json"), text.encode("utf-8"))
+    atomic_write_bytes(os.path.join(out_dir, "manifest.json"), text.encode("utf-8"))
     return doc

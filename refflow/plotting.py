@@ -6,32 +6,23 @@ left behind.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from refflow._io import atomic_write  # noqa: E402
+
 __all__ = ["save_figure", "density_grid", "plot_samples"]
 
 
 def save_figure(fig, file) -> None:
     """Save ``fig`` as PNG at ``file`` atomically and close it."""
-    file = os.fspath(file)
-    folder = os.path.dirname(os.path.abspath(file))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, file)
+        atomic_write(file, lambda fh: fig.savefig(fh, format="png", dpi=110, bbox_inches="tight"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def density_grid(log_prob, lim, n=160):

@@ -19,12 +19,12 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 from autograd import value_and_grad
 
+from refflow._io import atomic_savez
 from refflow._validation import as_rng, check_points, check_scalar
 from refflow.losses import cfm_loss
 from refflow.paths import AffinePath, make_path
@@ -277,17 +277,7 @@ def save_checkpoint(file, state: TrainState, model, path: AffinePath, extra: dic
         arrays["adam_m"], arrays["adam_v"] = state.optimizer.m, state.optimizer.v
     if state.ema_params is not None:
         arrays["ema_params"] = state.ema_params
-    file = os.fspath(file)
-    folder = os.path.dirname(os.path.abspath(file))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_savez(file, **arrays)
 
 
 def load_checkpoint(file):

@@ -1,11 +1,11 @@
 """``refflow train`` and ``refflow sample``: Algorithm 1 and Algorithm 2 from the command line."""
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 
 import numpy as np
+
+from refflow._io import atomic_savez
 
 __all__ = ["register"]
 
@@ -55,20 +55,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _write_npz_atomic(file, **arrays):
-    file = os.fspath(file)
-    folder = os.path.dirname(os.path.abspath(file))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def cmd_sample(args) -> int:
     from refflow.solvers import guided_field, sample
     from refflow.targets import make_target
@@ -98,7 +84,7 @@ def cmd_sample(args) -> int:
             if args.label is not None:
                 target = target.condition(args.label)
         fig = plot_samples(sol.x, target, title=f"{args.n} samples, {args.method}, nfe {sol.nfe}")
-    _write_npz_atomic(args.out, x_1=sol.x, x_0=sol.x0, nfe=np.array(sol.nfe))
+    atomic_savez(args.out, x_1=sol.x, x_0=sol.x0, nfe=np.array(sol.nfe))
     if args.plot:
         save_figure(fig, args.plot)
     print(f"{args.n} samples written to {args.out} ({sol.nfe} field evaluations)")

@@ -74,6 +74,7 @@ from typing import Callable
 import numpy as np
 
 import refflow
+from refflow._io import atomic_write_text
 from refflow._validation import as_rng, check_scalar
 from refflow.paths import (
     AffinePath,
@@ -718,7 +719,7 @@ class CheckReport:
 
     def write_json(self, path: str) -> None:
         """Write :meth:`to_json` to ``path`` atomically (temporary file, then rename)."""
-        _atomic_write_text(path, json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(path, json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
 
     def table(self) -> str:
         """The readable report: a header, one row per property, then what each compared."""
@@ -757,22 +758,6 @@ def _fmt_err(v: float) -> str:
     if not np.isfinite(v):
         return str(v)
     return f"{v:.3g}"
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    import tempfile
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _exact_property(name, compared, got, truth, tol, t, variants, *, judged=True, details=None,

@@ -12,34 +12,14 @@ import io
 import json
 import os
 import platform
-import tempfile
 import time
 
 import numpy as np
 
+from refflow._io import atomic_write_bytes, atomic_write_text
 from refflow.verify.registry import CheckResult
 
-__all__ = ["write_report", "atomic_write_text", "atomic_write_bytes", "summary_line"]
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+__all__ = ["write_report", "summary_line"]
 
 
 def _environment() -> dict:

@@ -41,7 +41,6 @@ class _WrongField:
 
 
 def _z_scores(marginal, rng, n_points, n_samples, field=None):
-    d = marginal.dim
     t = rng.uniform(0.05, 0.8, n_points)
     x = marginal.sample(n_points, t, rng)
     x_1 = marginal.target.sample(n_samples, rng)
