@@ -244,7 +244,7 @@ class ModelField:
         own = getattr(self.model, "value_and_vjp", None)
         if own is not None:
             u, vjp = own(self.params, t, x, self.y)
-            return u, lambda g: vjp(g)[1]
+            return u, lambda g: vjp(g, wrt_params=False)[1]
         u, end_node = _trace(self, t, x)
         return u, lambda g: backward_pass(g, end_node)
 

@@ -218,7 +218,7 @@ def _loss_and_grad(model, path):
         u, vjp = model.value_and_vjp(params, t, x_t, y)
         residual = u - path.target(x_0, x_1, t)
         value = np.mean(np.sum(residual * residual, axis=1))
-        return value, vjp(residual * (2.0 / residual.shape[0]))[0]
+        return value, vjp(residual * (2.0 / residual.shape[0]), wrt_x=False)[0]
 
     return fast
 
