@@ -147,7 +147,7 @@ def _plot(args, model, path, field, extra, x_1, rng):
     if model.dim != 2:
         raise _UsageError(f"--plot: needs a 2-D model, this one has d = {model.dim}")
     from refflow import targets
-    from refflow.plotting import plt, save_figure
+    from refflow.plotting import plot_log_density_panels, save_figure
 
     target = None
     name = extra.get("target") if isinstance(extra, dict) else None
@@ -170,14 +170,4 @@ def _plot(args, model, path, field, extra, x_1, rng):
     if target is not None:
         truth = target.marginal(path).log_prob(grid, 1.0).reshape(X.shape)
         panels.append((f"closed form log p_1 ({name})", truth))
-    vmax = max(float(np.max(p)) for _, p in panels)
-    vmin = vmax - 12.0  # twelve nats below the peak: the tails without the empty far field
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
-    for ax, (title, values) in zip(axes[0], panels):
-        im = ax.pcolormesh(X, Y, np.clip(values, vmin, vmax), shading="auto", cmap="viridis",
-                           vmin=vmin, vmax=vmax)
-        ax.set_title(title)
-        ax.set_aspect("equal")
-        fig.colorbar(im, ax=ax, shrink=0.85)
-    fig.tight_layout()
-    save_figure(fig, args.plot)
+    save_figure(plot_log_density_panels(X, Y, panels), args.plot)

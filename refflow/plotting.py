@@ -117,3 +117,36 @@ def plot_field_comparison(learned, marginal, t_values=(0.25, 0.75), lim=6.0):
         ax.set_aspect("equal")
     np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower left")
     return fig
+
+
+def plot_convergence(curves, title="convergence"):
+    """Log-log error against step size, one line per method, with the fitted slopes.
+
+    ``curves`` maps a label to ``(step_sizes, errors, fitted_slope)``.
+    """
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for label, (steps, errors, slope) in curves.items():
+        ax.loglog(steps, errors, "o-", label=f"{label}: slope {slope:.2f}")
+    ax.set_xlabel("step size")
+    ax.set_ylabel("max error at the end point")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_log_density_panels(X, Y, panels):
+    """Heat maps of log-densities on one grid, side by side, on a shared colour scale.
+
+    ``panels`` is a list of ``(title, log_p)`` with ``log_p`` shaped like ``X``.
+    """
+    vmax = max(float(np.max(p)) for _, p in panels)
+    vmin = vmax - 12.0  # twelve nats below the peak: the tails without the empty far field
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    for ax, (title, values) in zip(axes[0], panels):
+        im = ax.pcolormesh(X, Y, np.clip(values, vmin, vmax), shading="auto", cmap="viridis",
+                           vmin=vmin, vmax=vmax)
+        ax.set_title(title)
+        ax.set_aspect("equal")
+        fig.colorbar(im, ax=ax, shrink=0.85)
+    fig.tight_layout()
+    return fig

@@ -27,7 +27,9 @@ import numpy as np
 import scipy.linalg
 
 from refflow import autodiff, cnf, targets
+from refflow.paths import OTPath
 from refflow.verify.checks.paths import all_paths
+from refflow.plotting import density_grid, plot_log_density_panels
 from refflow.verify.registry import Outcome, register
 from refflow.verify.stats import bonferroni_z
 
@@ -285,7 +287,18 @@ def check_closed_form_likelihood(rng, quick):
         control="the divergence with its sign flipped (d log p/dt = +div u)",
         control_error=min(control.values()),
         details={"max |error| per path": errors, "nfe per path": nfe, "control |error| per path": control},
+        figure=_likelihood_heat_map(),
     )
+
+
+def _likelihood_heat_map(n=30, lim=6.5):
+    """CNF log p_1 (eq 14) of the eight Gaussians on a grid beside the closed form."""
+    marginal = targets.eight_gaussians().marginal(OTPath())
+    X, Y, truth = density_grid(lambda p: marginal.log_prob(p, 1.0), lim, n)
+    grid = np.stack([X.ravel(), Y.ravel()], axis=1)
+    res = cnf.log_prob(cnf.marginal_field(marginal), grid, method="DOP853", rtol=1e-6, atol=1e-6)
+    return plot_log_density_panels(X, Y, [("CNF log p_1 (eq 14, DOP853)", res.log_p.reshape(X.shape)),
+                                          ("closed-form log p_1 (eq 16)", truth)])
 
 
 def _linear_fields(rng):
