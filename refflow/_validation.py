@@ -3,10 +3,17 @@
 Each function either returns a clean float64 array or raises a ``ValueError`` /
 ``TypeError`` whose message names the argument, what was expected and what was
 given.  Nothing here broadcasts a wrong shape silently.
+
+The checks follow the backend of their input (see :mod:`refflow.backend`): a
+CuPy array is checked with CuPy and returned as a CuPy array (CuPy refuses
+``numpy.asarray``, and a copy to the host would be both slow and implicit);
+everything else goes through NumPy exactly as before.
 """
 from __future__ import annotations
 
 import numbers
+
+import sys
 
 import numpy as np
 from autograd.tracer import Box
@@ -33,8 +40,20 @@ def unbox(value):
     return value
 
 
+def _xp(value):
+    """The array module of ``value``: CuPy for a CuPy array, else NumPy.
+
+    Looks CuPy up in ``sys.modules`` so that it is never imported here: if
+    nothing imported it, no CuPy array can exist.
+    """
+    cp = sys.modules.get("cupy")
+    if cp is not None and isinstance(value, cp.ndarray):
+        return cp
+    return np
+
+
 def _describe(value) -> str:
-    if isinstance(value, np.ndarray):
+    if isinstance(value, np.ndarray) or _xp(value) is not np:
         return f"array of shape {value.shape} and dtype {value.dtype}"
     return f"{type(value).__name__} {value!r}"[:200]
 
@@ -73,7 +92,8 @@ def check_points(x, name: str = "x", d: int | None = None, dtype=np.float64) -> 
     """
     if isinstance(x, (str, bytes)) or x is None:
         raise TypeError(f"{name}: expected an array of shape (n, d), got {_describe(x)}")
-    arr = np.asarray(x)
+    xp = _xp(x)
+    arr = xp.asarray(x)
     if arr.dtype == object or not (
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
     ):
@@ -89,8 +109,8 @@ def check_points(x, name: str = "x", d: int | None = None, dtype=np.float64) -> 
             f"{name}: expected {d} columns (shape (n, {d})), got shape {arr.shape}"
         )
     arr = arr.astype(dtype, copy=False)
-    if not np.all(np.isfinite(arr)):
-        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+    if not bool(xp.all(xp.isfinite(arr))):  # on a GPU: one device-to-host sync
+        bad = int(arr.size - int(xp.count_nonzero(xp.isfinite(arr))))
         raise ValueError(f"{name}: expected finite values, got {bad} NaN or inf entries")
     return arr
 
@@ -102,7 +122,8 @@ def check_time(t, n: int | None = None, name: str = "t") -> np.ndarray:
     """
     if isinstance(t, (str, bytes)) or t is None or isinstance(t, bool):
         raise TypeError(f"{name}: expected a float or an array of shape (n,), got {_describe(t)}")
-    arr = np.asarray(t)
+    xp = _xp(t)
+    arr = xp.asarray(t)
     if arr.dtype == object or not (
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
     ):
@@ -112,11 +133,11 @@ def check_time(t, n: int | None = None, name: str = "t") -> np.ndarray:
         raise ValueError(f"{name}: expected a float or an array of shape (n,), got shape {arr.shape}")
     if arr.ndim == 1 and n is not None and arr.shape[0] != n:
         raise ValueError(f"{name}: expected shape ({n},) to match {n} points, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
+    if not bool(xp.all(xp.isfinite(arr))):
         raise ValueError(f"{name}: expected finite values in [0, 1], got NaN or inf")
-    if np.any(arr < 0.0) or np.any(arr > 1.0):
+    if bool(xp.any(arr < 0.0)) or bool(xp.any(arr > 1.0)):
         raise ValueError(
-            f"{name}: expected values in [0, 1], got min {arr.min():.6g}, max {arr.max():.6g}"
+            f"{name}: expected values in [0, 1], got min {float(arr.min()):.6g}, max {float(arr.max()):.6g}"
         )
     return arr
 
@@ -124,7 +145,7 @@ def check_time(t, n: int | None = None, name: str = "t") -> np.ndarray:
 def time_column(t, n: int, name: str = "t") -> np.ndarray:
     """Return ``t`` as a column of shape ``(n, 1)`` for broadcasting against ``(n, d)``."""
     arr = check_time(t, n, name)
-    return np.broadcast_to(arr, (n,)).reshape(n, 1)
+    return _xp(arr).broadcast_to(arr, (n,)).reshape(n, 1)
 
 
 def check_scalar(
@@ -160,18 +181,20 @@ def check_scalar(
 
 def check_labels(y, n: int, name: str = "y", n_classes: int | None = None) -> np.ndarray:
     """Return class labels as an int64 array of shape ``(n,)``; -1 is the null prompt."""
-    arr = np.asarray(y)
+    xp = _xp(y)
+    arr = xp.asarray(y)
     if arr.ndim == 0:
-        arr = np.full(n, arr)
+        arr = xp.full(n, arr)
     if not np.issubdtype(arr.dtype, np.integer):
-        if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+        if (np.issubdtype(arr.dtype, np.floating) and bool(xp.all(xp.isfinite(arr)))
+                and bool(xp.all(arr == xp.round(arr)))):
             arr = arr.astype(np.int64)
         else:
             raise TypeError(f"{name}: expected integer class labels, got {_describe(arr)}")
     if arr.shape != (n,):
         raise ValueError(f"{name}: expected shape ({n},), got shape {arr.shape}")
-    if np.any(arr < -1):
-        raise ValueError(f"{name}: expected labels >= -1 (-1 is the null prompt), got min {arr.min()}")
-    if n_classes is not None and np.any(arr >= n_classes):
-        raise ValueError(f"{name}: expected labels < {n_classes}, got max {arr.max()}")
+    if bool(xp.any(arr < -1)):
+        raise ValueError(f"{name}: expected labels >= -1 (-1 is the null prompt), got min {int(arr.min())}")
+    if n_classes is not None and bool(xp.any(arr >= n_classes)):
+        raise ValueError(f"{name}: expected labels < {n_classes}, got max {int(arr.max())}")
     return arr.astype(np.int64, copy=False)

@@ -56,7 +56,7 @@ from autograd.core import VJPNode, backward_pass
 from autograd.tracer import trace
 
 from refflow import autodiff, solvers
-from refflow._validation import as_rng, check_points, check_scalar
+from refflow._validation import _xp, as_rng, check_points, check_scalar
 
 __all__ = [
     "CNFResult",
@@ -205,7 +205,7 @@ def standard_normal_log_prob(x):
         \log p_0(x) = -\tfrac12 \|x\|^2 - \tfrac d2 \log 2\pi
     """
     x = check_points(x, "x")
-    return -0.5 * np.sum(x * x, axis=1) - 0.5 * x.shape[1] * _LOG_2PI
+    return -0.5 * _xp(x).sum(x * x, axis=1) - 0.5 * x.shape[1] * _LOG_2PI
 
 
 class ModelField:
@@ -315,25 +315,27 @@ def marginal_field(marginal) -> MarginalField:
 
 
 def _check_values(u, n, d, t, name):
-    arr = np.asarray(u)
+    xp = _xp(u)
+    arr = xp.asarray(u)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{name}: expected a real array of shape ({n}, {d}), got dtype {arr.dtype} at t={t!r}")
     if arr.shape != (n, d):
         raise ValueError(f"{name}: expected shape ({n}, {d}) like x, got shape {arr.shape} at t={t!r}")
     arr = arr.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(arr)):
+    if not bool(xp.all(xp.isfinite(arr))):
         raise ValueError(f"{name}: expected finite values, got NaN or inf at t={t!r}")
     return arr
 
 
 def _check_div(v, n, t, name="divergence"):
-    arr = np.asarray(v)
+    xp = _xp(v)
+    arr = xp.asarray(v)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{name}: expected div(t, x) to return a real array of shape ({n},), got dtype {arr.dtype}")
     if arr.shape != (n,):
         raise ValueError(f"{name}: expected div(t, x) to return shape ({n},), got shape {arr.shape} at t={t!r}")
     arr = arr.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(arr)):
+    if not bool(xp.all(xp.isfinite(arr))):
         raise ValueError(f"{name}: expected finite divergences, got NaN or inf at t={t!r}")
     return arr
 
@@ -598,11 +600,12 @@ def _check_base(base_log_prob, field):
 
 def _eval_base(base_log_prob, x):
     n = x.shape[0]
-    v = np.asarray(base_log_prob(x))
+    xp = _xp(x)
+    v = xp.asarray(base_log_prob(x))
     if v.shape != (n,):
         raise ValueError(f"base_log_prob: expected shape ({n},), got shape {v.shape}")
     v = v.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(v)):
+    if not bool(xp.all(xp.isfinite(v))):
         raise ValueError("base_log_prob: expected finite log-densities, got NaN or inf")
     return v
 
@@ -673,15 +676,29 @@ def _transport(field, x, t0, t1, divergence, method, n_steps, rtol, atol, n_prob
     atol = check_scalar(atol, "atol", low=0.0)
     if n_probes is not None:
         n_probes = check_scalar(n_probes, "n_probes", low=1, integer=True)
+    xp = _xp(x)
+    if xp is not np:
+        # On the GPU: an exact divergence (the field's own, or a callable) with
+        # a fixed-step method; autograd and the Hutchinson machinery are CPU-only,
+        # and solvers.integrate refuses the adaptive methods with its own message.
+        own = callable(divergence) or (divergence in (None, "auto", "exact")
+                                       and callable(getattr(field, "divergence", None)))
+        if not own or n_probes is not None:
+            raise TypeError(
+                "divergence: on CuPy (GPU) arrays only the exact divergence is available (a field with "
+                ".divergence such as cnf.mlp_field / cnf.marginal_field, or a callable div(t, x)); "
+                f"got divergence={divergence!r}; autograd and Hutchinson run on the host (refflow.backend.to_host)"
+            )
     strategy = _make_strategy(field, divergence, x, t0, n_probes, probe, rng)
     m = strategy.n_columns
 
     def augmented(t, z):
         u, div = strategy(t, z[:, :d])
         # eq 13: d/dt log p_t(x_t) = -div u_t(x_t).
-        return np.concatenate([u, -div], axis=1)
+        return xp.concatenate([u, -div], axis=1)
 
-    z_start = np.concatenate([x, np.zeros((n, m))], axis=1)
+    # np.concatenate hands CuPy arrays to cupy.concatenate (__array_function__)
+    z_start = np.concatenate([x, xp.zeros((n, m))], axis=1)
     sol = solvers.integrate(augmented, z_start, t0, t1, method=method, n_steps=n_steps, rtol=rtol, atol=atol)
     return _Transport(
         x_end=sol.x[:, :d].copy(), delta=sol.x[:, d:].T.copy(), nfe=sol.nfe, method=sol.method,

@@ -16,6 +16,12 @@ Time runs from the source (t = 0, :math:`p_0 = \mathcal N(0, I)`) to the data
 (t = 1).  The schedule functions accept a float or an array of shape ``(n,)``
 and are written with ``autograd.numpy`` so that the checks can differentiate
 them.
+
+Backends: the same code runs on CuPy arrays (:mod:`refflow.backend`).  The
+``autograd.numpy`` functions dispatch to CuPy through NumPy's
+``__array_ufunc__`` / ``__array_function__`` protocols, so the schedules are
+written once.  A float ``t`` works with either backend; an array ``t`` must
+live where ``x`` lives.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from autograd import elementwise_grad
 from autograd.tracer import Box
 
 from refflow._validation import check_points, check_scalar, check_time, unbox
+from refflow.backend import namespace_of, to_host
 
 __all__ = [
     "AffinePath",
@@ -44,8 +51,20 @@ _LOG_2PI = np.log(2.0 * np.pi)
 
 def _time(t, n=None, name="t"):
     """Validate ``t`` on its plain value; return something autograd can trace."""
-    check_time(unbox(t), n, name)
-    return t if isinstance(t, Box) else np.asarray(t, dtype=np.float64)
+    checked = check_time(unbox(t), n, name)
+    return t if isinstance(t, Box) else checked
+
+
+def _on(xp, v):
+    """A schedule value ready to multiply arrays of module ``xp``.
+
+    On NumPy, ``v`` as it is.  On CuPy a 0-d NumPy array (what the schedules
+    return for a float ``t``) becomes a Python float: CuPy refuses host
+    arrays as operands, even 0-d ones.
+    """
+    if xp is np or not isinstance(v, np.ndarray):
+        return v
+    return float(v)
 
 
 def _points(x, name, d=None):
@@ -55,9 +74,12 @@ def _points(x, name, d=None):
 
 def _column(t, n):
     """``t`` as something that broadcasts against ``(n, d)``: a scalar or ``(n, 1)``."""
-    if anp.ndim(t) == 0:
+    plain = unbox(t)
+    if getattr(plain, "ndim", 0) == 0:
         return t
-    return anp.reshape(t, (n, 1))
+    if isinstance(t, Box) or isinstance(t, np.ndarray):
+        return anp.reshape(t, (n, 1))
+    return t.reshape(n, 1)  # a CuPy array
 
 
 class AffinePath:
@@ -125,12 +147,13 @@ class AffinePath:
         t : float or array of shape (n,)
             Times in [0, 1].
         """
+        xp = namespace_of(x_0, x_1, t)
         x_0 = _points(x_0, "x_0")
         n, d = unbox(x_0).shape
         x_1 = _points(x_1, "x_1", d)
         _same_rows(x_0, x_1, "x_1")
         t = _column(_time(t, n), n)
-        return self._sigma(t) * x_0 + self._alpha(t) * x_1
+        return _on(xp, self._sigma(t)) * x_0 + _on(xp, self._alpha(t)) * x_1
 
     def pair_velocity(self, x_0, x_1, t):
         r"""The conditional velocity along the flow, from the pair (eq 27–29, eq 35 for OT).
@@ -143,6 +166,7 @@ class AffinePath:
         This is also the regression target of :math:`\mathcal L_{CFM}`
         (eq 36; eq 37 when :math:`\sigma_{min} = 0`): see :meth:`target`.
         """
+        xp = namespace_of(x_0, x_1, t)
         x_0 = _points(x_0, "x_0")
         n, d = unbox(x_0).shape
         x_1 = _points(x_1, "x_1", d)
@@ -150,7 +174,7 @@ class AffinePath:
         t = _time(t, n)
         self._require_finite_d_sigma(t)
         t = _column(t, n)
-        return self._d_sigma(t) * x_0 + self._d_alpha(t) * x_1
+        return _on(xp, self._d_sigma(t)) * x_0 + _on(xp, self._d_alpha(t)) * x_1
 
     def target(self, x_0, x_1, t):
         r"""Regression target of the CFM loss (eq 36, 37): :math:`\sigma_t' x_0 + \alpha_t' x_1`.
@@ -171,6 +195,7 @@ class AffinePath:
         :math:`\sigma_{min} = 0`): there the field is only defined on the
         line :math:`x = x_1`.
         """
+        xp = namespace_of(x, x_1, t)
         x = _points(x, "x")
         n, d = unbox(x).shape
         x_1 = _points(x_1, "x_1", d)
@@ -178,7 +203,8 @@ class AffinePath:
         t = _time(t, n)
         self._require_positive_sigma(t, "conditional_velocity")
         t = _column(t, n)
-        return self._d_sigma(t) / self._sigma(t) * (x - self._alpha(t) * x_1) + self._d_alpha(t) * x_1
+        return (_on(xp, self._d_sigma(t) / self._sigma(t)) * (x - _on(xp, self._alpha(t)) * x_1)
+                + _on(xp, self._d_alpha(t)) * x_1)
 
     def conditional_log_prob(self, x, x_1, t):
         r"""Log-density of the conditional path, :math:`\log \mathcal N(x \mid \alpha_t x_1, \sigma_t^2 I)` (eq 25).
@@ -186,22 +212,26 @@ class AffinePath:
         Returns an array of shape (n,).  Raises ``ValueError`` where
         :math:`\sigma_t = 0` (a point mass has no density).
         """
+        xp = namespace_of(x, x_1, t)
         x = _points(x, "x")
         n, d = unbox(x).shape
         x_1 = _points(x_1, "x_1", d)
         _same_rows(x, x_1, "x_1")
         t = _time(t, n)
         self._require_positive_sigma(t, "conditional_log_prob")
-        sigma = self._sigma(t)
+        sigma = _on(xp, self._sigma(t))
         t = _column(t, n)
-        r = (x - self._alpha(t) * x_1) / self._sigma(t)
+        r = (x - _on(xp, self._alpha(t)) * x_1) / _on(xp, self._sigma(t))
         return -0.5 * anp.sum(r**2, axis=1) - d * anp.log(sigma) - 0.5 * d * _LOG_2PI
 
     # -- helpers -----------------------------------------------------------------
     def _require_positive_sigma(self, t, what):
-        s = np.asarray(unbox(self._sigma(t)))
-        if np.any(s <= 0.0):
-            tt = np.broadcast_to(np.asarray(unbox(t)), s.shape)[s <= 0.0]
+        s = unbox(self._sigma(t))
+        xp = namespace_of(s)
+        if bool(xp.any(s <= 0.0)):
+            # an error path: bring the few numbers to the host for the message
+            s = np.asarray(to_host(s))
+            tt = np.broadcast_to(np.asarray(to_host(unbox(t))), s.shape)[s <= 0.0]
             raise ValueError(
                 f"t: {self.name} path has sigma_t = 0 at t = {float(np.ravel(tt)[0])!r}; "
                 f"{what} needs sigma_t > 0 (expected t where the conditional path has a density)"
@@ -371,7 +401,8 @@ class VPPath(AffinePath):
 
 
 def _refuse_t_one(path, t):
-    if np.any(np.asarray(unbox(t)) == 1.0):
+    t = unbox(t)
+    if bool(namespace_of(t).any(t == 1.0)):
         raise ValueError(
             f"t: the {path.name} path has sigma_t' = -inf at t = 1 (sigma_t ~ sqrt(1 - t)); "
             "expected t < 1 here, or use sigma_d_sigma, which is finite at t = 1"

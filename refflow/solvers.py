@@ -21,6 +21,12 @@ source), by
 
 :func:`integrate` is the single entry point; :func:`sample` draws
 :math:`x_0 \sim \mathcal{N}(0, I)` and integrates from ``t = 0`` to ``t = 1``.
+
+Backends: the fixed-step methods run on CuPy arrays as they are (the state
+and the field's outputs stay on the GPU).  :func:`scipy.integrate.solve_ivp`
+is CPU-only: the adaptive methods refuse a CuPy ``x`` with a ``TypeError``
+(use a fixed-step method, or move ``x`` with
+:func:`refflow.backend.to_host`).
 :func:`guided_field` builds the classifier-free guided field of eq 40 from a
 conditional field ``field(t, x, y)``.
 """
@@ -33,7 +39,8 @@ import numpy as np
 import scipy.integrate
 import scipy.sparse
 
-from refflow._validation import as_rng, check_labels, check_points, check_scalar, check_time
+from refflow._validation import _xp, as_rng, check_labels, check_points, check_scalar, check_time
+from refflow.backend import as_device_rng, get_namespace, same_backend
 
 __all__ = [
     "Solution",
@@ -192,7 +199,8 @@ _GRID_RTOL = 1e-8
 
 def _check_velocity(u, n: int, d: int, t: float, name: str = "field") -> np.ndarray:
     """Return the field's output as float64 ``(n, d)``, or raise naming ``name``."""
-    arr = np.asarray(u)
+    xp = _xp(u)
+    arr = xp.asarray(u)
     if arr.dtype == object or not (
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
     ):
@@ -206,8 +214,8 @@ def _check_velocity(u, n: int, d: int, t: float, name: str = "field") -> np.ndar
             f"got shape {arr.shape} at t={t!r}"
         )
     arr = arr.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(arr)):
-        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if not bool(xp.all(xp.isfinite(arr))):
+        bad = int(arr.size - int(xp.count_nonzero(xp.isfinite(arr))))
         raise ValueError(
             f"{name}: expected finite velocities, got {bad} NaN or inf entries at t={t!r}"
         )
@@ -222,8 +230,9 @@ class _CountedField:
     which validates ``t in [0, 1]`` never sees ``1 + 2**-52``.
     """
 
-    def __init__(self, field, n: int, d: int, t0: float, t1: float):
+    def __init__(self, field, n: int, d: int, t0: float, t1: float, xp=np):
         self.field = field
+        self.xp = xp
         self.n = n
         self.d = d
         self.t_lo = min(t0, t1)
@@ -234,6 +243,7 @@ class _CountedField:
         t = min(max(float(t), self.t_lo), self.t_hi)
         u = self.field(t, x)
         self.nfe += 1
+        same_backend(self.xp, u, "field")  # a GPU state needs a GPU field, and vice versa
         return _check_velocity(u, self.n, self.d, t)
 
 
@@ -297,7 +307,7 @@ def _integrate_fixed(method: FixedStepMethod, u, x, t0, t1, n_steps, t_eval):
             )
         wanted = np.unique(k)
         slot = {int(j): i for i, j in enumerate(wanted)}
-        stored = np.empty((wanted.size,) + x.shape)
+        stored = _xp(x).empty((wanted.size,) + x.shape)
         if 0 in slot:
             stored[slot[0]] = x
 
@@ -312,14 +322,14 @@ def _integrate_fixed(method: FixedStepMethod, u, x, t0, t1, n_steps, t_eval):
     if t_eval is not None:
         rows = np.searchsorted(wanted, k)
         ts = grid[k]
-        xs = stored[rows]
+        xs = stored[_xp(x).asarray(rows)]
     return x_t, ts, xs
 
 
 def _check_state(x_t, shape, name, t):
     # A custom FixedStepMethod could return a wrong shape; the built-in ones
     # cannot, and the field's outputs are already checked finite.
-    x_t = np.asarray(x_t, dtype=np.float64)
+    x_t = _xp(x_t).asarray(x_t, dtype=np.float64)
     if x_t.shape != shape:
         raise ValueError(
             f"method: step of {name!r} expected to return shape {shape}, "
@@ -413,7 +423,9 @@ def integrate(
         shape ``(n, d)`` and act on each row independently (as any velocity
         field does; the implicit SciPy methods rely on it).
     x : array_like, shape (n, d)
-        The state at ``t0``.
+        The state at ``t0``.  A CuPy array runs the fixed-step methods on
+        the GPU (the field must then return CuPy arrays); the SciPy methods
+        are CPU-only.
     t0, t1 : float
         Start and end times in ``[0, 1]``; ``t1 < t0`` integrates backwards
         (data towards source), ``t0 == t1`` returns ``x`` unchanged.
@@ -484,14 +496,21 @@ def integrate(
 
     name = resolved.name if isinstance(resolved, FixedStepMethod) else resolved
     fixed = isinstance(resolved, FixedStepMethod)
+    xp = _xp(x)
+    if not fixed and xp is not np:
+        raise TypeError(
+            f"method: {name!r} runs scipy.integrate.solve_ivp, which is CPU-only, but x is a CuPy (GPU) "
+            f"array; use a fixed-step method ({', '.join(FIXED_STEP_METHODS)}) on the GPU, or move x "
+            "to the host with refflow.backend.to_host (and use a field that returns NumPy arrays)"
+        )
     x0 = x.copy()
     if t0 == t1:
         # Nothing to integrate: the flow map over an empty interval is the identity.
         ts = None if t_eval is None else t_eval.copy()
-        xs = None if t_eval is None else np.broadcast_to(x0, (t_eval.size, n, d)).copy()
+        xs = None if t_eval is None else xp.broadcast_to(x0, (t_eval.size, n, d)).copy()
         return Solution(x0.copy(), x0, t0, t1, ts, xs, 0, name, n_steps if fixed else None)
 
-    u = _CountedField(field, n, d, t0, t1)
+    u = _CountedField(field, n, d, t0, t1, xp)
     if fixed:
         x_end, ts, xs = _integrate_fixed(resolved, u, x0, t0, t1, n_steps, t_eval)
         return Solution(x_end, x0, t0, t1, ts, xs, u.nfe, name, n_steps)
@@ -509,6 +528,7 @@ def sample(
     rtol: float = 1e-7,
     atol: float = 1e-9,
     t_eval=None,
+    backend: str = "numpy",
 ) -> Solution:
     r"""Draw samples by Algorithm 2: :math:`x_0 \sim \mathcal{N}(0, I)`, then integrate 0 -> 1.
 
@@ -533,6 +553,11 @@ def sample(
         Source of the draws of :math:`x_0`.
     method, n_steps, rtol, atol, t_eval
         As in :func:`integrate`.
+    backend : {"numpy", "cupy"}
+        Where :math:`x_0` is drawn and the ODE integrated.  ``"cupy"`` draws
+        from a ``cupy.random.Generator`` seeded from ``rng`` (a different
+        stream from NumPy's) and needs a fixed-step method and a field that
+        takes and returns CuPy arrays.
 
     Returns
     -------
@@ -541,7 +566,10 @@ def sample(
     """
     n = check_scalar(n, "n", low=1, integer=True)
     dim = check_scalar(dim, "dim", low=1, integer=True)
-    x_0 = as_rng(rng).standard_normal((n, dim))
+    if get_namespace(backend) is np:
+        x_0 = as_rng(rng).standard_normal((n, dim))
+    else:
+        x_0 = as_device_rng(rng, backend).standard_normal((n, dim))
     return integrate(
         field, x_0, 0.0, 1.0, method=method, n_steps=n_steps, rtol=rtol, atol=atol,
         t_eval=t_eval,

@@ -31,16 +31,24 @@ Implementation: each :math:`C_k = V_k \operatorname{diag}(\lambda_k) V_k^\top`
 is diagonalised once.  Then :math:`\Sigma_k(t)` is diagonal in the basis
 :math:`V_k` for every t, so per-point times cost nothing extra and no matrix
 is ever inverted; all components are rotated by one matrix product.
+
+Backends: the closed forms are written once, against an array module ``xp``
+that follows the points ``x``: ``autograd.numpy`` for NumPy arrays (so the
+checks can differentiate them), ``cupy`` for CuPy arrays (see
+:mod:`refflow.backend`).  The mixture's constants are copied to the GPU once
+and cached (:meth:`_MixtureCore.on`).
 """
 from __future__ import annotations
 
+import copy
+
 import autograd.numpy as anp
 import numpy as np
-from autograd.scipy.special import logsumexp
-from autograd.tracer import Box
+from autograd.tracer import Box, getval
 
 from refflow._validation import as_rng, check_labels, check_points, check_scalar, check_time, unbox
-from refflow.paths import AffinePath
+from refflow.backend import backend_name, namespace_of, rng_namespace, to_host
+from refflow.paths import AffinePath, _on
 
 __all__ = [
     "GaussianMixture",
@@ -59,6 +67,24 @@ __all__ = [
 _LOG_2PI = np.log(2.0 * np.pi)
 # Largest n * K * d of one block of intermediate arrays (about 32 MB of float64).
 _BLOCK = 1 << 22
+# On a GPU the same limit would cost a kernel launch per few thousand rows;
+# 2**26 elements is 512 MiB of float64 per intermediate, small beside a
+# data-centre GPU's memory and large enough to keep the device busy.
+_BLOCK_DEVICE = 1 << 26
+
+
+def logsumexp(a, axis, xp=anp):
+    r""":math:`\log \sum_j e^{a_j}` along ``axis``, shifted by the maximum so nothing overflows.
+
+    Written with the array operations of ``xp`` so that it runs on either
+    backend and autograd differentiates it (the shift is taken from the
+    plain values: the result does not depend on it, so neither does its
+    gradient).  Rows whose maximum is not finite (all ``-inf``) are not
+    shifted, giving ``-inf`` rather than NaN.
+    """
+    m = xp.max(getval(a), axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0.0)
+    return xp.log(xp.sum(xp.exp(a - m), axis=axis)) + xp.squeeze(m, axis=axis)
 
 
 class _MixtureCore:
@@ -69,6 +95,8 @@ class _MixtureCore:
     """
 
     def __init__(self, weights, means, eigvals, eigvecs):
+        self.xp = anp  # the array module of the constants below; see on()
+        self._copies = {}
         self.weights = weights
         self.log_weights = np.log(weights, out=np.full_like(weights, -np.inf), where=weights > 0)
         self.means = means
@@ -85,18 +113,42 @@ class _MixtureCore:
             self._rotated_means = np.einsum("kd,kde->ke", means, eigvecs)
         self.min_eigval = float(eigvals.min())
 
+    _DEVICE_FIELDS = ("weights", "log_weights", "means", "eigvals", "eigvecs", "_rotation", "_rotated_means")
+
+    def on(self, xp):
+        """This core with its constant arrays on the backend of module ``xp`` (cached).
+
+        ``numpy`` or ``autograd.numpy``: ``self``.  ``cupy``: a copy whose
+        arrays live on the GPU, made once and kept, so repeated calls do not
+        copy the constants again.
+        """
+        name = backend_name(xp)
+        if name == "numpy":
+            return self
+        dev = self._copies.get(name)
+        if dev is None:
+            dev = copy.copy(self)
+            dev._copies = {}
+            dev.xp = xp
+            for field in self._DEVICE_FIELDS:
+                value = getattr(self, field)
+                if value is not None:
+                    setattr(dev, field, xp.asarray(value))
+            self._copies[name] = dev
+        return dev
+
     def rotate(self, x):
-        n = x.shape[0]
+        xp, n = self.xp, x.shape[0]
         if self._rotation is None:
-            return anp.reshape(x, (n, 1, self.dim))
-        return anp.reshape(anp.dot(x, self._rotation), (n, self.n_components, self.dim))
+            return xp.reshape(x, (n, 1, self.dim))
+        return xp.reshape(xp.dot(x, self._rotation), (n, self.n_components, self.dim))
 
     def unrotate_sum(self, v):
         """sum_k V_k v_k for v of shape (n, K, d) given in the eigenbases."""
-        n = v.shape[0]
+        xp, n = self.xp, v.shape[0]
         if self._rotation is None:
-            return anp.sum(v, axis=1)
-        return anp.dot(anp.reshape(v, (n, self.n_components * self.dim)), self._rotation.T)
+            return xp.sum(v, axis=1)
+        return xp.dot(xp.reshape(v, (n, self.n_components * self.dim)), self._rotation.T)
 
     def terms(self, x, alpha, sigma2, want):
         """Closed-form quantities of the mixture N(alpha m_k, alpha^2 C_k + sigma2 I).
@@ -106,51 +158,51 @@ class _MixtureCore:
         "divergence"}; the latter two need the path coefficients in
         ``want["coef"]``.
         """
-        n, d = x.shape
-        a = _as3(alpha)
-        s2 = _as3(sigma2)
+        xp, (n, d) = self.xp, x.shape
+        a = _as3(xp, alpha)
+        s2 = _as3(xp, sigma2)
         z = self.rotate(x) - a * self._rotated_means[None, :, :]          # (n, K, d)
         s = a**2 * self.eigvals[None, :, :] + s2                           # (n|1, K, d)
         zs = z / s
-        log_n = -0.5 * anp.sum(z * zs + anp.log(s), axis=2) - 0.5 * d * _LOG_2PI  # (n, K)
+        log_n = -0.5 * xp.sum(z * zs + xp.log(s), axis=2) - 0.5 * d * _LOG_2PI  # (n, K)
         joint = self.log_weights[None, :] + log_n
-        log_p = logsumexp(joint, axis=1)
+        log_p = logsumexp(joint, 1, xp)
         out = {"log_prob": log_p}
         if set(want) - {"coef"} <= {"log_prob"}:
             return out
-        r = anp.exp(joint - log_p[:, None])                                # (n, K)
+        r = xp.exp(joint - log_p[:, None])                                # (n, K)
         out["resp"] = r
         r3 = r[:, :, None]
         if "score" in want or "divergence" in want:
             out["score"] = -self.unrotate_sum(r3 * zs)
         if "velocity" in want or "divergence" in want:
             coef = want["coef"]
-            c = _as3(coef["sigma_d_sigma"]) + _as3(coef["alpha_d_alpha"]) * self.eigvals[None, :, :]
-            d_alpha = _as2(coef["d_alpha"])
+            c = _as3(xp, coef["sigma_d_sigma"]) + _as3(xp, coef["alpha_d_alpha"]) * self.eigvals[None, :, :]
+            d_alpha = _as2(xp, coef["d_alpha"])
             czs = c * zs
-            out["velocity"] = d_alpha * anp.dot(r, self.means) + self.unrotate_sum(r3 * czs)
+            out["velocity"] = d_alpha * xp.dot(r, self.means) + self.unrotate_sum(r3 * czs)
             if "divergence" in want:
                 # div u = sum_k r_k tr(A_k) + sum_k r_k (s_k - s).(u_k - u), with the
                 # covariance term expanded as sum_k r_k s_k.u_k - s.u; each s_k.u_k
                 # is an inner product taken inside component k's eigenbasis.
-                trace = anp.sum(c / s, axis=2)
-                s_dot_u = -d_alpha * anp.sum(zs * self._rotated_means[None, :, :], axis=2) - anp.sum(zs * czs, axis=2)
-                out["divergence"] = anp.sum(r * (trace + s_dot_u), axis=1) - anp.sum(
+                trace = xp.sum(c / s, axis=2)
+                s_dot_u = -d_alpha * xp.sum(zs * self._rotated_means[None, :, :], axis=2) - xp.sum(zs * czs, axis=2)
+                out["divergence"] = xp.sum(r * (trace + s_dot_u), axis=1) - xp.sum(
                     out["score"] * out["velocity"], axis=1
                 )
         return out
 
 
-def _as3(v):
-    if anp.ndim(v) == 0:
+def _as3(xp, v):
+    if getattr(unbox(v), "ndim", 0) == 0:
         return v
-    return anp.reshape(v, (-1, 1, 1))
+    return xp.reshape(v, (-1, 1, 1))
 
 
-def _as2(v):
-    if anp.ndim(v) == 0:
+def _as2(xp, v):
+    if getattr(unbox(v), "ndim", 0) == 0:
         return v
-    return anp.reshape(v, (-1, 1))
+    return xp.reshape(v, (-1, 1))
 
 
 def _points_traceable(x, name, d):
@@ -161,8 +213,9 @@ def _points_traceable(x, name, d):
 def _run_blocked(core, x, fn_of_block, outputs):
     """Evaluate ``fn_of_block(x_block, rows)`` over row blocks that fit in memory."""
     n = unbox(x).shape[0]
+    xp = namespace_of(x)
     per_row = max(1, core.n_components * core.dim)
-    block = max(1, _BLOCK // per_row)
+    block = max(1, (_BLOCK if xp is np else _BLOCK_DEVICE) // per_row)
     if isinstance(x, Box) or n <= block:
         whole = fn_of_block(x, slice(0, n))
         return {key: whole[key] for key in outputs}
@@ -172,7 +225,7 @@ def _run_blocked(core, x, fn_of_block, outputs):
         part = fn_of_block(x[rows], rows)
         for key in outputs:
             results.setdefault(key, []).append(part[key])
-    return {key: np.concatenate(parts, axis=0) for key, parts in results.items()}
+    return {key: xp.concatenate(parts, axis=0) for key, parts in results.items()}
 
 
 class _MixtureBase:
@@ -210,9 +263,10 @@ class _MixtureBase:
     def _evaluate(self, x, names):
         x = _points_traceable(x, "x", self.dim)
         self._require_density()
+        core = self._core.on(namespace_of(x))
 
         def block(xb, rows):
-            return self._core.terms(xb, 1.0, 0.0, dict.fromkeys(names))
+            return core.terms(xb, 1.0, 0.0, dict.fromkeys(names))
 
         return _run_blocked(self._core, x, block, names)
 
@@ -303,7 +357,12 @@ class GaussianMixture(_MixtureBase):
         self._core = _MixtureCore(weights, means, eigvals, eigvecs)
 
     def sample(self, n: int, rng) -> np.ndarray:
-        """Draw ``n`` points; returns (n, d)."""
+        """Draw ``n`` points; returns (n, d).
+
+        ``rng`` may be a ``cupy.random.Generator`` (see
+        :func:`refflow.backend.as_device_rng`): the points are then drawn on
+        the GPU, from a different random stream than NumPy's.
+        """
         return self.sample_with_labels(n, rng)[0]
 
     def sample_with_labels(self, n: int, rng):
@@ -313,15 +372,24 @@ class GaussianMixture(_MixtureBase):
         has no labels) and components (n,).
         """
         n = check_scalar(n, "n", low=0, integer=True)
-        rng = as_rng(rng)
-        core = self._core
-        k = rng.choice(core.n_components, size=n, p=core.weights)
+        xp = rng_namespace(rng)
+        if xp is np:
+            rng = as_rng(rng)
+            core = self._core
+            k = rng.choice(core.n_components, size=n, p=core.weights)
+        else:
+            # A CuPy generator (backend "cupy"): its own stream, not NumPy's.
+            # Components by inverting the cumulative weights (CuPy's
+            # Generator has no weighted choice).
+            core = self._core.on(xp)
+            k = xp.searchsorted(xp.cumsum(core.weights), rng.random(n), side="right")
+            k = xp.minimum(k, core.n_components - 1)
         z = rng.standard_normal((n, core.dim))
-        scaled = z * np.sqrt(core.eigvals[k])
+        scaled = z * xp.sqrt(core.eigvals[k])
         if core.eigvecs is not None:
-            scaled = np.einsum("nij,nj->ni", core.eigvecs[k], scaled)
+            scaled = xp.einsum("nij,nj->ni", core.eigvecs[k], scaled)
         x = core.means[k] + scaled
-        y = np.full(n, -1, dtype=np.int64) if self.labels is None else self.labels[k]
+        y = xp.full(n, -1, dtype=np.int64) if self.labels is None else xp.asarray(self.labels)[k]
         return x, y, k
 
     def condition(self, label: int) -> "GaussianMixture":
@@ -403,28 +471,34 @@ class MixtureMarginal:
         }
 
     def _evaluate(self, x, t, names):
+        xp = namespace_of(x, t)  # refuses a GPU x with a host t array, and the reverse
         x = _points_traceable(x, "x", self.dim)
         n = unbox(x).shape[0]
         t_raw = check_time(unbox(t), n, "t")
         t_val = t if isinstance(t, Box) else t_raw
         self._require_nonsingular(t_raw)
-        per_point = np.ndim(t_raw) == 1
+        per_point = t_raw.ndim == 1
+        core = self._core.on(xp)
 
         def block(xb, rows):
             tb = t_val[rows] if per_point else t_val
             coef = self._coefficients(tb)
-            coef_col = {k: (anp.reshape(v, (-1, 1)) if per_point else v) for k, v in coef.items()}
+            if per_point:
+                coef_col = {k: _as2(core.xp, v) for k, v in coef.items()}
+            else:
+                coef_col = {k: _on(xp, v) for k, v in coef.items()}
             want = dict.fromkeys(names)
             want["coef"] = coef_col
-            return self._core.terms(xb, coef_col["alpha"], coef_col["sigma2"], want)
+            return core.terms(xb, coef_col["alpha"], coef_col["sigma2"], want)
 
         return _run_blocked(self._core, x, block, names)
 
     def _require_nonsingular(self, t):
         if self._core.min_eigval > 0:
             return
-        sigma = np.asarray(self.path._sigma(np.asarray(t, dtype=np.float64)))
-        if np.any(sigma == 0):
+        sigma = self.path._sigma(t)
+        if bool(namespace_of(sigma).any(sigma == 0)):
+            sigma, t = np.asarray(to_host(sigma)), np.asarray(to_host(t))  # error path only
             raise ValueError(
                 "t: the marginal of a point set is singular where sigma_t = 0 "
                 f"(here at t = {float(np.ravel(np.broadcast_to(t, sigma.shape))[np.argmax(np.ravel(sigma == 0))])}); "

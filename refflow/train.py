@@ -26,6 +26,7 @@ from autograd import value_and_grad
 
 from refflow._io import atomic_savez
 from refflow._validation import as_rng, check_points, check_scalar
+from refflow.backend import as_device_rng, get_namespace, is_device_array, namespace_of, to_device
 from refflow.losses import cfm_loss
 from refflow.paths import AffinePath, make_path
 
@@ -47,9 +48,11 @@ class Adam:
     step: int = 0
 
     def update(self, params, grad):
+        """One step; ``params`` and ``grad`` on either backend (the moments follow them)."""
+        xp = namespace_of(params, grad, self.m)
         if self.m is None:
-            self.m = np.zeros_like(params)
-            self.v = np.zeros_like(params)
+            self.m = xp.zeros_like(params)
+            self.v = xp.zeros_like(params)
         self.step += 1
         # In place: the moments are as large as the model.
         self.m *= self.beta1
@@ -58,7 +61,7 @@ class Adam:
         self.v += (1.0 - self.beta2) * grad * grad
         m_hat_scale = 1.0 / (1.0 - self.beta1**self.step)
         v_hat_scale = 1.0 / (1.0 - self.beta2**self.step)
-        return params - self.lr * (self.m * m_hat_scale) / (np.sqrt(self.v * v_hat_scale) + self.eps)
+        return params - self.lr * (self.m * m_hat_scale) / (xp.sqrt(self.v * v_hat_scale) + self.eps)
 
     def hyper(self):
         return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
@@ -112,7 +115,8 @@ def make_sampler(target):
 
 def train(model, target, path: AffinePath, *, steps: int, batch_size: int = 256, lr: float = 1e-3,
           rng=None, params=None, ema_decay: float | None = None, label_dropout: float = 0.0,
-          resume: TrainState | None = None, progress: bool = False, on_step=None) -> TrainState:
+          resume: TrainState | None = None, progress: bool = False, on_step=None,
+          backend: str = "numpy") -> TrainState:
     r"""Train ``model`` by Algorithm 1 of the notes (CFM, eq 36–38) with Adam.
 
     Parameters
@@ -142,6 +146,16 @@ def train(model, target, path: AffinePath, *, steps: int, batch_size: int = 256,
         Show a progress line with the running loss on stderr.
     on_step : callable, optional
         Called as ``on_step(state)`` after every step.
+    backend : {"numpy", "cupy"}
+        Where the steps run.  ``"cupy"``: parameters, Adam's moments and
+        every batch live on the GPU; the initial parameters are drawn on the
+        host from ``rng`` (so they equal the CPU run's) and copied over, then
+        the batches come from a ``cupy.random.Generator`` seeded from ``rng``:
+        a different stream from NumPy's, so the CPU and GPU runs see
+        different batches.  The target must be a mixture (or a sampler that
+        accepts a CuPy generator).  ``state.params`` is then a CuPy array
+        (:func:`refflow.backend.to_host` brings it back); checkpoints need
+        host arrays.
 
     Returns
     -------
@@ -162,9 +176,14 @@ def train(model, target, path: AffinePath, *, steps: int, batch_size: int = 256,
     else:
         lr = check_scalar(lr, "lr", low=0.0, low_open=True)
         rng = as_rng(rng)
+        xp = get_namespace(backend)
         if params is None:
             params = model.init_params(rng)
-        params = np.array(params, copy=True)
+        if xp is np:
+            params = np.array(params, copy=True)
+        else:
+            params = xp.array(to_device(params, backend), copy=True)
+            rng = as_device_rng(rng, backend)
         if ema_decay is not None:
             ema_decay = check_scalar(ema_decay, "ema_decay", low=0.0, high=1.0, low_open=True, high_open=True)
         state = TrainState(params=params, optimizer=Adam(lr=lr), rng=rng,
@@ -181,11 +200,11 @@ def train(model, target, path: AffinePath, *, steps: int, batch_size: int = 256,
         if conditional:
             if y is None:
                 raise ValueError("target: a model with classes needs a target that yields labels")
-            y = np.where(state.rng.random(batch_size) < label_dropout, -1, y)
+            y = namespace_of(y).where(state.rng.random(batch_size) < label_dropout, -1, y)
         else:
             y = None
         value, grad = loss_and_grad(state.params, x_0, x_1, t, y)
-        if not np.isfinite(value):
+        if not bool(namespace_of(value).isfinite(value)):
             raise FloatingPointError(f"loss became {value} at step {state.step}; lower lr (now {state.optimizer.lr})")
         state.params = state.optimizer.update(state.params, grad)
         if state.ema_params is not None:
@@ -217,7 +236,8 @@ def _loss_and_grad(model, path):
         x_t = path.sample(x_0, x_1, t)
         u, vjp = model.value_and_vjp(params, t, x_t, y)
         residual = u - path.target(x_0, x_1, t)
-        value = np.mean(np.sum(residual * residual, axis=1))
+        xp = namespace_of(residual)  # the same code on NumPy and CuPy arrays
+        value = xp.mean(xp.sum(residual * residual, axis=1))
         return value, vjp(residual * (2.0 / residual.shape[0]), wrt_x=False)[0]
 
     return fast
@@ -277,6 +297,10 @@ def save_checkpoint(file, state: TrainState, model, path: AffinePath, extra: dic
         arrays["adam_m"], arrays["adam_v"] = state.optimizer.m, state.optimizer.v
     if state.ema_params is not None:
         arrays["ema_params"] = state.ema_params
+    for name, value in arrays.items():
+        if is_device_array(value):
+            raise TypeError(f"state: {name} is a CuPy (GPU) array; a checkpoint stores host arrays: "
+                            "move the state with refflow.backend.to_host first")
     atomic_savez(file, **arrays)
 
 

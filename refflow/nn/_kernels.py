@@ -514,3 +514,193 @@ def scatter_add_rows(out, rows, vals):
         r = rows[i]
         for j in range(E):
             out[r, j] += vals[i, j]
+
+
+# --------------------------------------------------------------------------
+# the same steps with array operations (any array module: NumPy, CuPy)
+# --------------------------------------------------------------------------
+#
+# The MLP calls its elementwise steps through one object, ``ctx.kern``; on
+# NumPy arrays that is the Numba namespace ``NUMBA[activation]`` below, on
+# CuPy arrays an :class:`ArrayElementwise`.  Both write into the same buffers
+# with the same meaning, so the forward pass, the VJP and the stacked
+# divergence pass in :mod:`refflow.nn.mlp` exist once.  ``ArrayElementwise``
+# with NumPy is what the tests hold to the Numba kernels (1e-12): that is how
+# the GPU code path is checked on a machine without a GPU.
+
+
+def _sigmoid_pair(xp, z):
+    # (sigma(z), 1 - sigma(z)) from e = exp(-|z|) <= 1: neither overflows nor cancels.
+    e = xp.exp(-xp.abs(z))
+    r = 1.0 / (1.0 + e)
+    er = e * r
+    pos = z >= 0
+    return xp.where(pos, r, er), xp.where(pos, er, r)
+
+
+def _act_d2(xp, name, z):
+    """``(sigma(z), sigma'(z), sigma''(z))`` of activation ``name`` with the ops of ``xp``.
+
+    The same stable forms as the Numba helpers above (and as
+    :mod:`refflow.nn.reference`): sigmoid and tanh' from ``exp(-|z|)``.
+    """
+    if name == "silu":
+        s, sc = _sigmoid_pair(xp, z)
+        return z * s, s * (1.0 + z * sc), s * sc * (2.0 + z * (sc - s))
+    if name == "tanh":
+        e = xp.exp(-2.0 * xp.abs(z))
+        q = 1.0 / (1.0 + e)
+        t = xp.tanh(z)
+        d1 = 4.0 * e * q * q
+        return t, d1, -2.0 * t * d1
+    if name == "relu":
+        # only ufuncs (no astype, no zeros_like), so that cupy.fuse can fuse it;
+        # 0 * z is a zero of z's dtype for finite z
+        zero = 0.0 * z
+        pos = z > 0
+        return xp.where(pos, z, zero), xp.where(pos, zero + 1.0, zero), zero
+    if name == "softplus":
+        s, sc = _sigmoid_pair(xp, z)
+        return xp.maximum(z, 0.0) + xp.log1p(xp.exp(-xp.abs(z))), s, s * sc
+    raise ValueError(f"activation: expected one of {tuple(ACTIVATION_CODES)}, got {name!r}")
+
+
+def _fused_or_plain(fuse, f):
+    """``cupy.fuse(f)``, falling back to ``f`` itself (one kernel per operation, same
+    numbers) if this CuPy cannot fuse it, with a warning that says so."""
+    fused = fuse()(f)
+    state = {"call": fused}
+
+    def call(z):
+        try:
+            return state["call"](z)
+        except Exception as exc:  # pragma: no cover - depends on the CuPy version
+            if state["call"] is f:
+                raise
+            import warnings
+
+            warnings.warn(f"cupy.fuse failed on {f.__name__} ({type(exc).__name__}: {exc}); "
+                          "using unfused CuPy operations", RuntimeWarning, stacklevel=2)
+            state["call"] = f
+            return f(z)
+
+    return call
+
+
+class ArrayElementwise:
+    """The MLP's elementwise steps written with the operations of an array module ``xp``.
+
+    Same signatures and in-place semantics as the Numba kernels (see
+    ``bias_act``, ``div_first``, :func:`div_layer_bwd`, ...), so that
+    :mod:`refflow.nn.mlp` calls either without knowing which.  On CuPy the
+    activation and its derivatives are fused into one GPU kernel each by
+    ``cupy.fuse`` (one pass over memory instead of one per operation); on
+    NumPy they run as plain ufuncs (the CPU check of this code path).
+    """
+
+    def __init__(self, activation, xp):
+        if activation not in ACTIVATION_CODES:
+            raise ValueError(f"activation: expected one of {tuple(ACTIVATION_CODES)}, got {activation!r}")
+        self.activation, self.xp = activation, xp
+
+        def act(z):
+            return _act_d2(xp, activation, z)[0]
+
+        def act_d1(z):
+            a, g1, _ = _act_d2(xp, activation, z)
+            return a, g1
+
+        def act_d2(z):
+            return _act_d2(xp, activation, z)
+
+        fuse = getattr(xp, "fuse", None) if xp is not np else None
+        if fuse is not None:
+            act, act_d1, act_d2 = (_fused_or_plain(fuse, f) for f in (act, act_d1, act_d2))
+        self._act, self._act_d1, self._act_d2 = act, act_d1, act_d2
+
+    def __repr__(self):
+        return f"ArrayElementwise({self.activation!r}, {self.xp.__name__})"
+
+    # ---- forward
+    def bias_act(self, P, b):
+        """In place: ``P <- sigma(P + b)``."""
+        P[...] = self._act(P + b)
+
+    def bias_act_d1(self, P, b, D):
+        """In place: ``P <- sigma(P + b)``, ``D <- sigma'(P + b)``."""
+        a, g1 = self._act_d1(P + b)
+        P[...] = a
+        D[...] = g1
+
+    def _values(self, Z, D1, D2, store_d2):
+        if store_d2:
+            a, g1, g2 = self._act_d2(Z)
+            D2[...] = g2
+        else:
+            a, g1 = self._act_d1(Z)
+        D1[...] = g1
+        return a, g1
+
+    def div_first(self, P, b, W1x, S, D1, D2, store_d2):
+        """First layer of the stacked pass (see the Numba ``div_first``)."""
+        n, H = P.shape
+        d = W1x.shape[0]
+        a, g1 = self._values(P + b, D1, D2, store_d2)
+        S[:n] = a
+        # tangent k of the pre-activation is row k of W1 for every point
+        S[n:].reshape(d, n, H)[...] = g1[None, :, :] * W1x[:, None, :]
+
+    def div_layer(self, P, b, n, S, D1, D2, store_d2):
+        """Hidden layer >= 2 of the stacked pass (see the Numba ``div_layer``)."""
+        H = P.shape[1]
+        d = P.shape[0] // n - 1 if n > 0 else 0
+        a, g1 = self._values(P[:n] + b, D1, D2, store_d2)
+        S[:n] = a
+        S[n:].reshape(d, n, H)[...] = g1[None, :, :] * P[n:].reshape(d, n, H)
+
+    # ---- reverse
+    def dact_colsum(self, G, D, gb):
+        """In place: ``G <- G * D``; ``gb <- sum_i G[i]``."""
+        G *= D
+        gb[...] = G.sum(axis=0)
+
+    def div_layer_bwd(self, G, P, D1, D2, n, gb):
+        """Reverse of ``div_layer`` in place on ``G`` (formula in :func:`div_layer_bwd`)."""
+        H = G.shape[1]
+        d = G.shape[0] // n - 1 if n > 0 else 0
+        Gt = G[n:].reshape(d, n, H)
+        G[:n] = G[:n] * D1 + D2 * (Gt * P[n:].reshape(d, n, H)).sum(axis=0)
+        Gt *= D1[None, :, :]
+        gb[...] = G[:n].sum(axis=0)
+
+    def div_first_bwd(self, G, W1x, D1, D2, n, gb, gW1x):
+        """Reverse of ``div_first`` (formula in :func:`div_first_bwd`)."""
+        H = G.shape[1]
+        d = W1x.shape[0]
+        Gt = G[n:].reshape(d, n, H)
+        gW1x[...] = (Gt * D1[None, :, :]).sum(axis=1)
+        G[:n] = G[:n] * D1 + D2 * (Gt * W1x[:, None, :]).sum(axis=0)
+        gb[...] = G[:n].sum(axis=0)
+
+    def scatter_add_rows(self, out, rows, vals):
+        """``out[rows[i]] += vals[i]``, repeated rows accumulating."""
+        xp = self.xp
+        if xp is np:
+            np.add.at(out, rows, vals)
+        else:  # CuPy's add.at is cupyx.scatter_add
+            import cupyx
+
+            cupyx.scatter_add(out, rows, vals)
+
+
+def _numba_namespace(name):
+    """The Numba kernels of one activation together with the activation-free ones."""
+    ns = SimpleNamespace(**vars(KERNELS[name]))
+    ns.dact_colsum, ns.div_layer_bwd, ns.div_first_bwd = dact_colsum, div_layer_bwd, div_first_bwd
+    ns.scatter_add_rows = scatter_add_rows
+    return ns
+
+
+#: ``NUMBA[activation]``: every elementwise step of the MLP as a Numba kernel,
+#: the interface :class:`ArrayElementwise` shares.
+NUMBA = {name: _numba_namespace(name) for name in ACTIVATION_CODES}

@@ -68,6 +68,20 @@ them over a second thread gained under 3% at batch 4096 on the 2-core
 machines, and nothing while BLAS's own threads were spinning).  Work arrays
 are reused from call to call (see ``_Pool``); :meth:`MLP.clear_workspace`
 drops them.
+
+Backends
+--------
+The passes follow the arrays (:mod:`refflow.backend`): CuPy ``params`` and
+``x`` give a GPU evaluation, with cuBLAS products and the elementwise steps
+of :class:`refflow.nn._kernels.ArrayElementwise` (fused by ``cupy.fuse``)
+in place of the Numba kernels.  The forward pass, the VJP and the stacked
+divergence pass are the same functions on both; only the object that does
+the elementwise work differs.  ``MLP(..., elementwise="array")`` uses the
+array-operation steps on NumPy too: that is how the tests check the GPU code
+path against the Numba kernels on a machine without a GPU.  autograd does
+not run on CuPy: on the GPU use :meth:`MLP.value_and_vjp` (the same
+hand-written VJP that the tests hold to autograd on the CPU),
+:meth:`MLP.divergence` and :meth:`MLP.field_and_divergence`.
 """
 from __future__ import annotations
 
@@ -79,7 +93,8 @@ import numpy as np
 from autograd.extend import defvjp_argnums, primitive
 from autograd.tracer import getval, isbox
 
-from refflow._validation import as_rng, check_labels, check_points, check_time
+from refflow._validation import _xp, as_rng, check_labels, check_points, check_time
+from refflow.backend import backend_name, namespace_of, same_backend
 from refflow.nn import _kernels as K
 
 __all__ = ["MLP", "MLPParams", "ACTIVATIONS"]
@@ -138,6 +153,13 @@ class MLP:
         appended to the input (0: ``t`` alone).
     dtype : numpy.float64 or numpy.float32
         Precision of parameters, inputs and outputs (float64 by default).
+    elementwise : {"auto", "array"}
+        Who does the elementwise work around the matrix products.
+        ``"auto"``: the Numba kernels for NumPy arrays, array operations
+        (fused by ``cupy.fuse``) for CuPy arrays.  ``"array"``: array
+        operations on NumPy too -- the GPU code path run on the CPU, for
+        checking it; slower than Numba.  Not part of :meth:`config`: it
+        changes rounding only.
 
     Notes
     -----
@@ -148,7 +170,7 @@ class MLP:
     """
 
     def __init__(self, dim, hidden=(64, 64), activation="silu", n_classes=None,
-                 embed_dim=16, fourier_features=0, dtype=np.float64):
+                 embed_dim=16, fourier_features=0, dtype=np.float64, *, elementwise="auto"):
         self.dim = _check_int(dim, "dim", 1)
         if isinstance(hidden, (numbers.Integral, np.integer)) and not isinstance(hidden, bool):
             hidden = (hidden,)
@@ -179,8 +201,12 @@ class MLP:
             offset += (self.n_classes + 1) * self.embed_dim
         self._layout = layout
         self.n_params = offset
-        self._kern = K.KERNELS[activation]
+        if elementwise not in ("auto", "array"):
+            raise ValueError(f"elementwise: expected 'auto' or 'array', got {elementwise!r}")
+        self.elementwise = elementwise
+        self._kern = K.NUMBA[activation]
         self._pool = _Pool()
+        self._backend_tools = {}
         self._net_cache = None
 
     # ------------------------------------------------------------------ layout
@@ -303,6 +329,9 @@ class MLP:
         if isbox(params):
             params = getval(params)
         p = params
+        xp = _xp(p)
+        if xp is not np:
+            return self._check_device_params(p, xp)
         # fast path: already a contiguous vector of the model's dtype (the common case)
         if not (type(p) is np.ndarray and p.dtype == self.dtype and p.shape == (self.n_params,)
                 and p.flags.c_contiguous):
@@ -324,6 +353,29 @@ class MLP:
             raise ValueError("params: expected finite values, got NaN or inf entries")
         return p
 
+    def _check_device_params(self, p, xp):
+        """``_check_params`` for a CuPy vector: same checks, done on the device."""
+        if not (np.issubdtype(p.dtype, np.floating) or np.issubdtype(p.dtype, np.integer)):
+            raise TypeError(f"params: expected a real 1-D array of length {self.n_params}, got dtype {p.dtype}")
+        if p.shape != (self.n_params,):
+            raise ValueError(f"params: expected the flat vector of shape ({self.n_params},) of "
+                             f"this model, got shape {p.shape}")
+        p = xp.ascontiguousarray(p, dtype=self.dtype)
+        if not bool(xp.isfinite(p.sum())) and not bool(xp.isfinite(p).all()):
+            raise ValueError("params: expected finite values, got NaN or inf entries")
+        return p
+
+    def _tools(self, xp):
+        """``(elementwise steps, work-array pool)`` for arrays of module ``xp``."""
+        if xp is np and self.elementwise == "auto":
+            return self._kern, self._pool
+        key = backend_name(xp)
+        tools = self._backend_tools.get(key)
+        if tools is None:
+            tools = (K.ArrayElementwise(self.activation, xp), _Pool(xp))
+            self._backend_tools[key] = tools
+        return tools
+
     def _net(self, p):
         """``_views(p)``, reused while the same array comes back (views keep it alive, so
         no other array can take its ``id``)."""
@@ -340,11 +392,13 @@ class MLP:
         self._write_time(out, t, n)
         return out
 
-    def _write_time(self, out, t, n):
+    def _write_time(self, out, t, n, xp=np):
         """Write the time columns into ``out`` (n, 1 + 2F), validating ``t``."""
         if isbox(t):
             raise TypeError("t: differentiation with respect to t is not supported; "
                             "pass a float or an array of shape (n,)")
+        if type(t) is not float:
+            same_backend(xp, t, "t")
         # fast paths for a float in [0, 1] and a float64 (n,) array in [0, 1]
         # (NaN fails both comparisons); anything else goes through check_time
         if type(t) is float and 0.0 <= t <= 1.0:
@@ -358,23 +412,33 @@ class MLP:
         out[:, 0:1] = tt
         F = self.fourier_features
         if F:
-            wt = np.multiply(tt, self._omega)  # (F,) for a float, (n, F) for an array
-            out[:, 1:1 + F] = np.sin(wt)
-            out[:, 1 + F:] = np.cos(wt)
+            omega = self._omega if xp is np else xp.asarray(self._omega)
+            wt = xp.multiply(tt, omega)  # (F,) for a float, (n, F) for an array
+            out[:, 1:1 + F] = xp.sin(wt)
+            out[:, 1 + F:] = xp.cos(wt)
 
-    def class_rows(self, y, n: int):
-        """Rows of the embedding table for labels ``y`` (``-1`` and ``None`` -> the null row)."""
+    def class_rows(self, y, n: int, xp=np):
+        """Rows of the embedding table for labels ``y`` (``-1`` and ``None`` -> the null row).
+
+        ``xp`` is the array module of the evaluation: labels given as an array
+        must live there too.
+        """
         if self.n_classes is None:
             if y is not None:
                 raise ValueError("y: expected None for an unconditional model (n_classes=None), "
                                  f"got {type(y).__name__}")
             return None
         if y is None:
-            return np.full(n, self.n_classes, dtype=np.int64)
+            return xp.full(n, self.n_classes, dtype=np.int64)
         if isbox(y):
             raise TypeError("y: expected integer labels, got an autograd box")
-        labels = check_labels(y, n, "y", self.n_classes)
-        return np.where(labels < 0, self.n_classes, labels)
+        if xp is not np and getattr(y, "ndim", 0) == 0 and _xp(y) is np:
+            # one label for the whole batch: expanded on the host, then copied
+            labels = xp.asarray(check_labels(y, n, "y", self.n_classes))
+        else:
+            same_backend(xp, y, "y")  # label arrays must live where x lives
+            labels = check_labels(y, n, "y", self.n_classes)
+        return xp.where(labels < 0, self.n_classes, labels)
 
     def _check_x(self, x):
         xv = getval(x) if isbox(x) else x
@@ -486,20 +550,23 @@ class MLP:
         p = self._check_params(params)
         xv = self._check_x(x)
         pv = getval(params)
-        grad_dtype = pv.dtype if isinstance(pv, np.ndarray) else np.asarray(pv).dtype
+        grad_dtype = pv.dtype if hasattr(pv, "dtype") else np.asarray(pv).dtype
         return _Call(self, self._net(p), t, xv, y, grad_dtype)
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_pool", None)
         state.pop("_kern", None)
+        state.pop("_backend_tools", None)
         state["_net_cache"] = None
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._kern = K.KERNELS[self.activation]
+        self.__dict__.setdefault("elementwise", "auto")
+        self._kern = K.NUMBA[self.activation]
         self._pool = _Pool()
+        self._backend_tools = {}
 
 
 # ---------------------------------------------------------------------------
@@ -518,12 +585,13 @@ class _Pool:
     gradients).
     """
 
-    __slots__ = ("_free",)
+    __slots__ = ("_free", "xp")
     MAX_PER_KEY = 16
     MAX_KEYS = 32
 
-    def __init__(self):
+    def __init__(self, xp=np):
         self._free = {}
+        self.xp = xp
 
     def take(self, shape, dtype):
         lst = self._free.get((shape, dtype))
@@ -532,7 +600,7 @@ class _Pool:
                 return lst.pop()
             except IndexError:  # emptied by another thread meanwhile
                 pass
-        return np.empty(shape, dtype)
+        return self.xp.empty(shape, dtype)
 
     def give(self, arrays):
         free = self._free
@@ -564,16 +632,20 @@ class _Call:
     right after the forward call).
     """
 
-    __slots__ = ("model", "net", "kern", "pool", "z0", "rows", "grad_dtype", "cache", "owned")
+    __slots__ = ("model", "net", "kern", "pool", "xp", "z0", "rows", "grad_dtype", "cache", "owned")
 
     def __init__(self, model, net, t, xv, y, grad_dtype):
-        self.model, self.net, self.kern, self.pool = model, net, model._kern, model._pool
+        # the backend follows the arrays; x and the parameters must agree
+        W1 = net.layers[0][0]
+        xp = self.xp = np if type(xv) is type(W1) is np.ndarray else namespace_of(W1, xv)
+        self.model, self.net = model, net
+        self.kern, self.pool = model._tools(xp)
         self.owned = []
         n = xv.shape[0]
-        rows = model.class_rows(y, n)
+        rows = model.class_rows(y, n, xp)
         d, nt = model.dim, model.n_time
         z0 = self.take((n, model.d_in))
-        model._write_time(z0[:, d:d + nt], t, n)
+        model._write_time(z0[:, d:d + nt], t, n, xp)
         z0[:, :d] = xv
         if rows is not None:
             z0[:, d + nt:] = net.embedding[rows]
@@ -611,35 +683,35 @@ class _Call:
                   \bar W_l = h_{l-1}^T \bar z_l, \quad \bar b_l = 1^T \bar z_l, \quad
                   \bar h_{l-1} = \bar z_l W_l^T.
         """
-        model, net, kern, pool = self.model, self.net, self.kern, self.pool
+        model, net, kern, pool, xp = self.model, self.net, self.kern, self.pool, self.xp
         hs, Ds = self.cache
         want_p, want_x = 0 in argnums, 1 in argnums
         n = self.z0.shape[0]
-        g = np.ascontiguousarray(g, dtype=model.dtype)
+        g = xp.ascontiguousarray(g, dtype=model.dtype)
         if g.shape != (n, model.dim):
             raise ValueError(f"g: expected a cotangent of shape {(n, model.dim)}, got {g.shape}")
         layers = net.layers
         gnet = grad = None
         if want_p:
-            grad = np.empty(model.n_params, dtype=model.dtype)
+            grad = xp.empty(model.n_params, dtype=model.dtype)
             gnet = model._views(grad)
             gWo, gbo = gnet.layers[-1]
-            np.matmul(hs[-1].T, g, out=gWo)
-            np.sum(g, axis=0, out=gbo)
+            xp.matmul(hs[-1].T, g, out=gWo)
+            xp.sum(g, axis=0, out=gbo)
         Wo = layers[-1][0]
         G = pool.take((n, Wo.shape[0]), model.dtype)
-        np.matmul(g, Wo.T, out=G)
+        xp.matmul(g, Wo.T, out=G)
         for l in range(len(Ds) - 1, -1, -1):
             W = layers[l][0]
             if want_p:
                 gW, gb = gnet.layers[l]
-                K.dact_colsum(G, Ds[l], gb)
-                np.matmul(hs[l].T, G, out=gW)
+                kern.dact_colsum(G, Ds[l], gb)
+                xp.matmul(hs[l].T, G, out=gW)
             else:
-                np.multiply(G, Ds[l], out=G)
+                xp.multiply(G, Ds[l], out=G)
             if l > 0:
                 G_prev = pool.take((n, W.shape[0]), model.dtype)
-                np.matmul(G, W.T, out=G_prev)
+                xp.matmul(G, W.T, out=G_prev)
                 pool.give((G,))
                 G = G_prev
         gx = self._input_grads(G, gnet, want_p, want_x)
@@ -664,11 +736,11 @@ class _Call:
         and the stacked :math:`[\bar z; \bar{\dot z}_1; \dots]` goes through
         one product with :math:`W^T` and one with the stacked inputs.
         """
-        model, net, pool = self.model, self.net, self.pool
+        model, net, pool, kern, xp = self.model, self.net, self.pool, self.kern, self.xp
         Ss, Ps, D1s, D2s = self.cache
         want_p, want_x = 0 in argnums, 1 in argnums
         d, n, dt = model.dim, self.z0.shape[0], model.dtype
-        c = np.ascontiguousarray(c, dtype=dt)
+        c = xp.ascontiguousarray(c, dtype=dt)
         if c.shape != (n,):
             raise ValueError(f"c: expected a cotangent of shape ({n},), got {c.shape}")
         layers = net.layers
@@ -676,7 +748,7 @@ class _Call:
         H = Wo.shape[0]
         gnet = grad = None
         if want_p:
-            grad = np.empty(model.n_params, dtype=dt)
+            grad = xp.empty(model.n_params, dtype=dt)
             gnet = model._views(grad)
             gWo, gbo = gnet.layers[-1]
             # d div / d Wo[j, k] = sum_i c_i * (tangent k of h_L)[i, j]
@@ -685,25 +757,25 @@ class _Call:
         # cotangent of the top stacked layer: value block 0, tangent block k: c_i Wo[:, k]
         G = pool.take(Ss[-1].shape, dt)
         G[:n] = 0.0
-        np.multiply(c[None, :, None], Wo.T[:, None, :], out=G[n:].reshape(d, n, H))
+        xp.multiply(c[None, :, None], Wo.T[:, None, :], out=G[n:].reshape(d, n, H))
         for l in range(len(Ss) - 1, 0, -1):
             W = layers[l][0]
-            gb = gnet.layers[l][1] if want_p else np.empty(W.shape[1], dt)
-            K.div_layer_bwd(G, Ps[l], D1s[l], D2s[l], n, gb)
+            gb = gnet.layers[l][1] if want_p else xp.empty(W.shape[1], dt)
+            kern.div_layer_bwd(G, Ps[l], D1s[l], D2s[l], n, gb)
             if want_p:
-                np.matmul(Ss[l - 1].T, G, out=gnet.layers[l][0])
+                xp.matmul(Ss[l - 1].T, G, out=gnet.layers[l][0])
             G_prev = pool.take((G.shape[0], W.shape[0]), dt)
-            np.matmul(G, W.T, out=G_prev)
+            xp.matmul(G, W.T, out=G_prev)
             pool.give((G,))
             G = G_prev
         W1 = layers[0][0]
-        gb1 = gnet.layers[0][1] if want_p else np.empty(W1.shape[1], dt)
-        gW1x = np.empty((d, W1.shape[1]), dtype=dt)
-        K.div_first_bwd(G, W1[:d], D1s[0], D2s[0], n, gb1, gW1x)
+        gb1 = gnet.layers[0][1] if want_p else xp.empty(W1.shape[1], dt)
+        gW1x = xp.empty((d, W1.shape[1]), dtype=dt)
+        kern.div_first_bwd(G, W1[:d], D1s[0], D2s[0], n, gb1, gW1x)
         Gz = G[:n]
         if want_p:
             gW1 = gnet.layers[0][0]
-            np.matmul(self.z0.T, Gz, out=gW1)
+            xp.matmul(self.z0.T, Gz, out=gW1)
             gW1[:d] += gW1x
         gx = self._input_grads(Gz, gnet, want_p, want_x)
         pool.give((G,))
@@ -721,7 +793,7 @@ class _Call:
         if want_p and model.n_classes:
             gE = gnet.embedding
             gE[...] = 0.0
-            K.scatter_add_rows(gE, self.rows, Gz @ W1[off:].T)
+            self.kern.scatter_add_rows(gE, self.rows, Gz @ W1[off:].T)
         return gx
 
     def _pack(self, gx, grad, argnums):
@@ -747,7 +819,7 @@ def _forward(ctx, store):
     z0``) and activation derivatives ``Ds`` for the VJP, all owned by ``ctx``.
     Without, returns ``u`` and hands the work arrays back as it goes.
     """
-    layers, kern, pool, dt = ctx.net.layers, ctx.kern, ctx.pool, ctx.model.dtype
+    layers, kern, pool, dt, xp = ctx.net.layers, ctx.kern, ctx.pool, ctx.model.dtype, ctx.xp
     z0 = ctx.z0
     n = z0.shape[0]
     h = z0
@@ -755,14 +827,14 @@ def _forward(ctx, store):
     for W, b in layers[:-1]:
         if store:
             P = ctx.take((n, W.shape[1]))
-            np.matmul(h, W, out=P)
+            xp.matmul(h, W, out=P)
             D = ctx.take(P.shape)
             kern.bias_act_d1(P, b, D)
             hs.append(P)
             Ds.append(D)
         else:
             P = pool.take((n, W.shape[1]), dt)
-            np.matmul(h, W, out=P)
+            xp.matmul(h, W, out=P)
             kern.bias_act(P, b)
             if h is not z0:
                 pool.give((h,))
@@ -779,13 +851,13 @@ def _forward(ctx, store):
 
 def _div_forward(ctx, store, want_u=False):
     """Stacked value + tangent pass: ``(u or None, div)``; with ``store`` the cache goes to ``ctx``."""
-    layers, kern, dt, d = ctx.net.layers, ctx.kern, ctx.model.dtype, ctx.model.dim
+    layers, kern, dt, d, xp = ctx.net.layers, ctx.kern, ctx.model.dtype, ctx.model.dim, ctx.xp
     z0 = ctx.z0
     n = z0.shape[0]
     W1, b1 = layers[0]
     H = W1.shape[1]
     P = ctx.take((n, H))
-    np.matmul(z0, W1, out=P)
+    xp.matmul(z0, W1, out=P)
     S = ctx.take(((1 + d) * n, H))
     D1 = ctx.take((n, H))
     D2 = ctx.take((n, H)) if store else _DUMMY[dt]
@@ -794,7 +866,7 @@ def _div_forward(ctx, store, want_u=False):
     for W, b in layers[1:-1]:
         H = W.shape[1]
         P = ctx.take(((1 + d) * n, H))
-        np.matmul(S, W, out=P)
+        xp.matmul(S, W, out=P)
         S = ctx.take(P.shape)
         D1 = ctx.take((n, H))
         D2 = ctx.take((n, H)) if store else _DUMMY[dt]
@@ -803,7 +875,11 @@ def _div_forward(ctx, store, want_u=False):
     Wo, bo = layers[-1]
     # T[k n + i, m] = d u_m / d x_k at point i; the divergence sums m = k.
     T = S[n:] @ Wo
-    div = np.einsum("kik->i", T.reshape(d, n, d))
+    if xp is np:
+        div = np.einsum("kik->i", T.reshape(d, n, d))
+    else:  # the diagonal blocks T[k, :, k] by indexing, summed over k
+        k = xp.arange(d)
+        div = T.reshape(d, n, d)[k, :, k].sum(axis=0)
     u = None
     if want_u:
         u = S[:n] @ Wo
