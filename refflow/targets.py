@@ -387,7 +387,13 @@ class GaussianMixture(_MixtureBase):
         z = rng.standard_normal((n, core.dim))
         scaled = z * xp.sqrt(core.eigvals[k])
         if core.eigvecs is not None:
-            scaled = xp.einsum("nij,nj->ni", core.eigvecs[k], scaled)
+            # Rotate by V_k component by component: gathering one (d, d) matrix
+            # per point would need n d^2 memory.
+            rotated = xp.empty_like(scaled)
+            for c in range(core.n_components):
+                rows = k == c
+                rotated[rows] = scaled[rows] @ core.eigvecs[c].T
+            scaled = rotated
         x = core.means[k] + scaled
         y = xp.full(n, -1, dtype=np.int64) if self.labels is None else xp.asarray(self.labels)[k]
         return x, y, k
