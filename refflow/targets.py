@@ -158,7 +158,7 @@ class _MixtureCore:
         "divergence"}; the latter two need the path coefficients in
         ``want["coef"]``.
         """
-        xp, (n, d) = self.xp, x.shape
+        xp, d = self.xp, x.shape[1]
         a = _as3(xp, alpha)
         s2 = _as3(xp, sigma2)
         z = self.rotate(x) - a * self._rotated_means[None, :, :]          # (n, K, d)
