@@ -94,7 +94,7 @@ from refflow.targets import (
     random_mixture,
     two_moons,
 )
-from refflow.verify.stats import EXACT_TOL, FAMILY_ALPHA, bonferroni_z
+from refflow.stats import EXACT_TOL, FAMILY_ALPHA, bonferroni_z
 
 __all__ = [
     "KINDS",

@@ -18,7 +18,7 @@ from autograd import grad
 import refflow as rf
 from refflow.gradients import LinearFeatureModel, exact_cfm_gradient
 from refflow.losses import cfm_loss, fm_loss
-from refflow.verify.stats import EXACT_TOL, bonferroni_z, rel_err
+from refflow.stats import EXACT_TOL, bonferroni_z, rel_err
 
 from common import Table, finish, parse_args, run_registered
 

@@ -15,7 +15,7 @@ from autograd import elementwise_grad
 
 import refflow as rf
 from refflow.figures import chord_deviation, conditional_trajectories
-from refflow.verify.stats import EXACT_TOL, rel_err
+from refflow.stats import EXACT_TOL, rel_err
 
 from common import Table, finish, parse_args, run_registered
 

@@ -19,7 +19,7 @@ from autograd import elementwise_grad
 
 import refflow as rf
 from refflow.autodiff import divergence
-from refflow.verify.stats import EXACT_TOL
+from refflow.stats import EXACT_TOL
 
 from common import Table, finish, parse_args, run_registered
 

@@ -24,7 +24,7 @@ from refflow.figures import (
     marginal_trajectories,
     quantile_transport,
 )
-from refflow.verify.stats import EXACT_TOL
+from refflow.stats import EXACT_TOL
 
 from common import Table, finish, parse_args, run_registered
 

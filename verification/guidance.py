@@ -15,7 +15,7 @@ import numpy as np
 
 import refflow as rf
 from refflow.solvers import guided_field
-from refflow.verify.stats import EXACT_TOL, rel_err
+from refflow.stats import EXACT_TOL, rel_err
 
 from common import Table, finish, parse_args, run_registered
 

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 import refflow as rf
-from refflow.verify.stats import bonferroni_z
+from refflow.stats import bonferroni_z
 
 from common import Table, finish, parse_args, run_registered
 

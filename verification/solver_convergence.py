@@ -14,7 +14,7 @@ import numpy as np
 
 from refflow import solvers
 from refflow.verify.checks.solvers import WRONG_RK4, cosine_problem
-from refflow.verify.stats import fit_slope
+from refflow.stats import fit_slope
 
 from common import Table, finish, parse_args, run_registered
 

@@ -31,7 +31,7 @@ from refflow.paths import OTPath
 from refflow.verify.checks.paths import all_paths
 from refflow.plotting import density_grid, plot_log_density_panels
 from refflow.verify.registry import Outcome, register
-from refflow.verify.stats import bonferroni_z
+from refflow.stats import bonferroni_z
 
 __all__ = [
     "ODE_TOL",

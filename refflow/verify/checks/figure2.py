@@ -40,7 +40,7 @@ from refflow.figures import (
 )
 from refflow.verify.checks.solvers import SCIPY_BOUNDS, normalised_error
 from refflow.verify.registry import Outcome, register
-from refflow.verify.stats import EXACT_TOL
+from refflow.stats import EXACT_TOL
 
 __all__ = ["RTOL", "ATOL", "SEPARATION_MARGIN", "per_sample_field", "time_reversed_field", "min_separation",
            "transport_error"]

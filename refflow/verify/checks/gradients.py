@@ -56,7 +56,7 @@ from refflow.plotting import plot_z_histogram
 from refflow.targets import random_mixture
 from refflow.verify.checks.paths import all_paths
 from refflow.verify.registry import Outcome, register
-from refflow.verify.stats import EXACT_TOL, bonferroni_z, rel_err
+from refflow.stats import EXACT_TOL, bonferroni_z, rel_err
 
 __all__ = [
     "DroppedSigmaTerm",

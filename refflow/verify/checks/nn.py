@@ -14,7 +14,7 @@ import numpy as np
 from refflow.nn import ACTIVATIONS, MLP
 from refflow.nn import reference as R
 from refflow.verify.registry import Outcome, register
-from refflow.verify.stats import EXACT_TOL, rel_err
+from refflow.stats import EXACT_TOL, rel_err
 
 
 def _setups(rng, quick):

@@ -9,7 +9,7 @@ from autograd import elementwise_grad
 from refflow.plotting import plot_schedules
 from refflow.paths import CosinePath, LinearVPPath, OTPath, PolynomialPath, VEPath, VPPath
 from refflow.verify.registry import Outcome, register
-from refflow.verify.stats import EXACT_TOL, rel_err
+from refflow.stats import EXACT_TOL, rel_err
 
 
 def all_paths():

@@ -37,7 +37,7 @@ import numpy as np
 from refflow import solvers
 from refflow.plotting import plot_convergence
 from refflow.verify.registry import Outcome, register
-from refflow.verify.stats import fit_slope
+from refflow.stats import fit_slope
 
 __all__ = [
     "GaussianPathFlow",

@@ -11,7 +11,7 @@ from refflow.plotting import plot_marginal_fields, plot_z_histogram
 from refflow.targets import eight_gaussians, monte_carlo_velocity, random_mixture
 from refflow.verify.checks.paths import all_paths
 from refflow.verify.registry import Outcome, register
-from refflow.verify.stats import EXACT_TOL, bonferroni_z, rel_err
+from refflow.stats import EXACT_TOL, bonferroni_z, rel_err
 
 MIN_ESS = 50.0
 """Points whose importance-sampling effective sample size is below this are not
