@@ -1,26 +1,23 @@
-"""The ``refflow check`` and ``refflow golden`` subcommands.
+"""``refflow check``: check another implementation against closed-form ground truth.
 
 ``refflow check --kind KIND --impl package.module:function --case NAME``
-checks a user's implementation against closed-form ground truth
-(:mod:`refflow.validate`) and prints the table; ``refflow check --list``
-prints the catalog; ``refflow golden --out DIR`` writes the golden vectors
-(:mod:`refflow.golden`).  Exit status: 0 when every property passes, 1 when
+checks a user's implementation (:mod:`refflow.validate`) and prints the
+table; ``refflow check --list`` prints the catalog.  Exit status: 0 when every property passes, 1 when
 one fails, 2 for a usage error (bad ``--impl``, unknown case, wrong output
 shape from the implementation, an exception raised by it, ...).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-__all__ = ["register", "cmd_check", "cmd_golden", "catalog_table"]
+__all__ = ["register", "cmd_check", "catalog_table"]
 
 _KINDS = ("path", "field", "loglik", "sampler", "guided")
 
 
 def register(sub) -> None:
-    """Add ``check`` and ``golden`` to the ``refflow`` subparsers."""
+    """Add ``check`` to the ``refflow`` subparsers."""
     p = sub.add_parser(
         "check",
         help="check your implementation (path, field, loglik, sampler, guided) against ground truth",
@@ -43,17 +40,6 @@ def register(sub) -> None:
     p.add_argument("--conditional", action="store_true", default=None,
                    help="field: pass labels y as a third argument (default: when the function takes three)")
     p.set_defaults(func=cmd_check)
-
-    g = sub.add_parser(
-        "golden",
-        help="write golden vectors (.npz per case + manifest.json) for implementations in any language",
-        description="Write, for each catalog case, an .npz of inputs and closed-form outputs and a "
-                    "manifest.json of conventions; the bytes are the same on every run.",
-    )
-    g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--case", action="append", default=None,
-                   help="only this case (repeatable; default: the whole catalog)")
-    g.set_defaults(func=cmd_golden)
 
 
 def catalog_table() -> str:
@@ -101,24 +87,3 @@ def cmd_check(args) -> int:
     if args.json:
         report.write_json(args.json)
     return 0 if report.passed else 1
-
-
-def cmd_golden(args) -> int:
-    from refflow.golden import write_golden
-
-    try:
-        doc = write_golden(args.out, args.case)
-    except (ValueError, TypeError) as exc:
-        print(f"refflow golden: error: {exc}", file=sys.stderr)
-        return 2
-    for entry in doc["cases"]:
-        print(f"{entry['sha256'][:16]}  {os.path.join(args.out, entry['file'])}")
-    print(f"{len(doc['cases'])} cases and manifest.json written to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    parser = argparse.ArgumentParser(prog="refflow")
-    register(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args()
-    sys.exit(ns.func(ns))

@@ -1,16 +1,15 @@
-"""``refflow train`` and ``refflow sample``: Algorithm 1 and Algorithm 2 from the command line."""
+"""``refflow train``: Algorithm 1 (conditional flow matching) from the command line."""
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 
-from refflow._io import atomic_savez
+from refflow.cli._common import guarded
 
-__all__ = ["register"]
+__all__ = ["register", "cmd_train", "path_from_args", "parse_hidden"]
 
 
-def _hidden(text):
+def parse_hidden(text):
     try:
         widths = tuple(int(w) for w in text.split(",") if w.strip())
     except ValueError:
@@ -20,7 +19,7 @@ def _hidden(text):
     return widths
 
 
-def _path_from_args(args):
+def path_from_args(args):
     from refflow.paths import make_path
 
     kwargs = {}
@@ -29,6 +28,7 @@ def _path_from_args(args):
     return make_path(args.path, **kwargs)
 
 
+@guarded("train")
 def cmd_train(args) -> int:
     from refflow.nn import MLP
     from refflow.targets import make_target
@@ -41,9 +41,9 @@ def cmd_train(args) -> int:
                       label_dropout=extra.get("label_dropout", 0.0), resume=state, progress=not args.quiet)
     else:
         target = make_target(args.target)
-        path = _path_from_args(args)
+        path = path_from_args(args)
         n_classes = target.n_classes if args.conditional else None
-        model = MLP(target.dim, hidden=_hidden(args.hidden), activation=args.activation, n_classes=n_classes,
+        model = MLP(target.dim, hidden=parse_hidden(args.hidden), activation=args.activation, n_classes=n_classes,
                     fourier_features=args.fourier_features)
         extra = {"target": args.target, "batch_size": args.batch_size, "label_dropout": args.label_dropout}
         state = train(model, target, path, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -55,54 +55,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_sample(args) -> int:
-    from refflow.solvers import guided_field, sample
-    from refflow.targets import make_target
-    from refflow.train import load_checkpoint
-
-    model, path, state, extra = load_checkpoint(args.model)
-    params = state.final_params
-    if (args.label is not None or args.guidance is not None) and not model.n_classes:
-        raise ValueError("--label/--guidance: expected a class-conditional model (trained with --conditional)")
-    if args.guidance is not None and args.label is None:
-        raise ValueError("--guidance: expected --label as well (the prompt to guide towards)")
-    if args.guidance is not None:
-        field = guided_field(lambda t, x, y: model.apply(params, t, x, y), args.label, args.guidance,
-                             convention=args.convention)
-    else:
-        y = args.label if args.label is not None else (-1 if model.n_classes else None)
-        field = model.field(params, y)
-    sol = sample(field, args.n, model.dim, args.seed, method=args.method, n_steps=args.steps,
-                 rtol=args.rtol, atol=args.atol)
-    if args.plot:
-        # Draw first, so a plotting failure leaves no samples file either.
-        from refflow.plotting import plot_samples, save_figure
-
-        target = None
-        if extra.get("target") and model.dim == 2:
-            target = make_target(extra["target"])
-            if args.label is not None:
-                target = target.condition(args.label)
-        fig = plot_samples(sol.x, target, title=f"{args.n} samples, {args.method}, nfe {sol.nfe}")
-    atomic_savez(args.out, x_1=sol.x, x_0=sol.x0, nfe=np.array(sol.nfe))
-    if args.plot:
-        save_figure(fig, args.plot)
-    print(f"{args.n} samples written to {args.out} ({sol.nfe} field evaluations)")
-    return 0
-
-
-def _guard(fn):
-    def run(args):
-        try:
-            return fn(args)
-        except (ValueError, TypeError, FileNotFoundError) as exc:
-            print(f"refflow {args.command}: {exc}", file=sys.stderr)
-            return 2
-
-    return run
-
-
 def register(sub) -> None:
+    """Add ``train`` to the ``refflow`` subparsers."""
     from refflow.nn import ACTIVATIONS
     from refflow.paths import PATHS
     from refflow.targets import TARGETS
@@ -124,19 +78,5 @@ def register(sub) -> None:
     p.add_argument("--resume", default=None, help="continue training from this checkpoint")
     p.add_argument("--out", required=True, help="checkpoint file (.npz)")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_guard(cmd_train))
+    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="sample from a trained model (Algorithm 2 or solve_ivp)")
-    p.add_argument("model", help="checkpoint written by refflow train")
-    p.add_argument("-n", type=int, default=10000)
-    p.add_argument("--method", default="euler", help="euler, midpoint, heun, rk4, RK45, DOP853, ...")
-    p.add_argument("--steps", type=int, default=100, help="steps of a fixed-step method")
-    p.add_argument("--rtol", type=float, default=1e-7)
-    p.add_argument("--atol", type=float, default=1e-9)
-    p.add_argument("--label", type=int, default=None, help="class to sample (conditional models)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance weight w of eq 40")
-    p.add_argument("--convention", choices=["notes", "flow_matching"], default="notes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="samples file (.npz with x_1 and x_0)")
-    p.add_argument("--plot", default=None, help="PNG of the samples over the target's density")
-    p.set_defaults(func=_guard(cmd_sample))

@@ -1,15 +1,11 @@
-"""The ``refflow`` command.
-
-``refflow verify`` runs the registered checks and writes the report; the
-other subcommands are added by the modules that implement them.
-"""
+"""``refflow verify``: run the registered checks and write the report."""
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
 
-__all__ = ["main"]
+from refflow.cli._common import guarded
+
+__all__ = ["register", "cmd_verify"]
 
 
 def _progress(stream):
@@ -27,7 +23,9 @@ def _progress(stream):
     return show
 
 
+@guarded("verify")
 def cmd_verify(args) -> int:
+    """Handler of ``refflow verify``: 0 when every check passes, 1 when one fails, 2 for bad input."""
     from refflow.verify.registry import registered, run_checks
     from refflow.verify.report import summary_line, write_report
 
@@ -40,38 +38,11 @@ def cmd_verify(args) -> int:
     return 0 if all(r.passed for r in results) else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="refflow", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register(sub) -> None:
+    """Add ``verify`` to the ``refflow`` subparsers."""
     p = sub.add_parser("verify", help="run the verification checks and write the report")
     p.add_argument("--quick", action="store_true", help="run the quick subset (under a minute)")
     p.add_argument("--out", default="refflow-report", help="report folder (default: refflow-report)")
     p.add_argument("--json", default=None, help="also write the JSON report to this path")
     p.add_argument("--only", default=None, help="comma-separated name patterns (glob or substring)")
     p.set_defaults(func=cmd_verify)
-
-    for register in _SUBCOMMANDS:
-        if isinstance(register, str):
-            module, _, name = register.partition(":")
-            register = getattr(importlib.import_module(module), name)
-        register(sub)
-    return parser
-
-
-# Functions ``register(subparsers)`` (or "module:function" strings) that add subcommands.
-_SUBCOMMANDS: list = [
-    "refflow.train_cli:register",
-    "refflow.cnf_cli:register",
-    "refflow.validate_cli:register",
-]
-
-
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
