@@ -26,6 +26,7 @@ __all__ = [
     "time_column",
     "check_scalar",
     "check_labels",
+    "exact",
 ]
 
 
@@ -52,9 +53,27 @@ def _xp(value):
     return np
 
 
+def exact(value) -> str:
+    """The value as an error message shows it: the repr of a Python float or int.
+
+    ``repr(float)`` is the shortest string that reads back to the same float
+    (``1.0000001``, not a rounded ``1``), and a NumPy scalar becomes a plain
+    number (``1.0``, not ``np.float64(1.0)``).
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return repr(bool(value))
+    if isinstance(value, (numbers.Integral, np.integer)):
+        return repr(int(value))
+    if isinstance(value, (numbers.Real, np.floating)):
+        return repr(float(value))
+    return repr(value)
+
+
 def _describe(value) -> str:
     if isinstance(value, np.ndarray) or _xp(value) is not np:
         return f"array of shape {value.shape} and dtype {value.dtype}"
+    if isinstance(value, np.generic):
+        return f"{type(value).__name__} {exact(value)}"
     return f"{type(value).__name__} {value!r}"[:200]
 
 
@@ -133,12 +152,15 @@ def check_time(t, n: int | None = None, name: str = "t") -> np.ndarray:
         raise ValueError(f"{name}: expected a float or an array of shape (n,), got shape {arr.shape}")
     if arr.ndim == 1 and n is not None and arr.shape[0] != n:
         raise ValueError(f"{name}: expected shape ({n},) to match {n} points, got shape {arr.shape}")
-    if not bool(xp.all(xp.isfinite(arr))):
-        raise ValueError(f"{name}: expected finite values in [0, 1], got NaN or inf")
-    if bool(xp.any(arr < 0.0)) or bool(xp.any(arr > 1.0)):
-        raise ValueError(
-            f"{name}: expected values in [0, 1], got min {float(arr.min()):.6g}, max {float(arr.max()):.6g}"
-        )
+    bad = ~((arr >= 0.0) & (arr <= 1.0))  # NaN fails both comparisons
+    if bool(xp.any(bad)):
+        # The first offending value, exactly (a rounded "1" would hide 1.0000001).
+        flat = bad.reshape(-1)
+        i = int(xp.argmax(flat))
+        value = float(arr.reshape(-1)[i])
+        where = "" if arr.ndim == 0 else f" at index {i}"
+        finite = "" if np.isfinite(value) else "finite "
+        raise ValueError(f"{name}: expected {finite}values in [0, 1], got {exact(value)}{where}")
     return arr
 
 
@@ -166,7 +188,7 @@ def check_scalar(
         raise TypeError(f"{name}: expected an int, got {_describe(value)}")
     v = int(value) if integer else float(value)
     if not np.isfinite(v):
-        raise ValueError(f"{name}: expected a finite number, got {v}")
+        raise ValueError(f"{name}: expected a finite number, got {v!r}")
     lo_bad = low is not None and (v <= low if low_open else v < low)
     hi_bad = high is not None and (v >= high if high_open else v > high)
     if lo_bad or hi_bad:
@@ -194,7 +216,7 @@ def check_labels(y, n: int, name: str = "y", n_classes: int | None = None) -> np
     if arr.shape != (n,):
         raise ValueError(f"{name}: expected shape ({n},), got shape {arr.shape}")
     if bool(xp.any(arr < -1)):
-        raise ValueError(f"{name}: expected labels >= -1 (-1 is the null prompt), got min {int(arr.min())}")
+        raise ValueError(f"{name}: expected labels >= -1 (-1 is the null prompt), got {int(arr.min())}")
     if n_classes is not None and bool(xp.any(arr >= n_classes)):
-        raise ValueError(f"{name}: expected labels < {n_classes}, got max {int(arr.max())}")
+        raise ValueError(f"{name}: expected labels < {n_classes}, got {int(arr.max())}")
     return arr.astype(np.int64, copy=False)

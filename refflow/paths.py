@@ -306,6 +306,9 @@ class OTPath(AffinePath):
         return {"name": self.name, "sigma_min": self.sigma_min}
 
 
+_VE_SIGMA_MAX = 1e100
+
+
 class VEPath(AffinePath):
     r"""The variance-exploding path of eq 32.
 
@@ -324,7 +327,11 @@ class VEPath(AffinePath):
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 10.0):
         self.sigma_min = check_scalar(sigma_min, "sigma_min", low=0.0, low_open=True)
-        self.sigma_max = check_scalar(sigma_max, "sigma_max", low=self.sigma_min, low_open=True)
+        # sigma_t^2 enters the marginal (eq 19) and sigma_t sigma_t': above 1e100
+        # they would come within a factor 1e108 of float64's overflow (1.8e308) and
+        # turn into inf, then NaN, for ordinary data; refuse such scales instead.
+        self.sigma_max = check_scalar(sigma_max, "sigma_max", low=self.sigma_min, high=_VE_SIGMA_MAX,
+                                      low_open=True)
         self._log_ratio = float(np.log(self.sigma_max / self.sigma_min))
 
     def _alpha(self, t):

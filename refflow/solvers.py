@@ -39,7 +39,7 @@ import numpy as np
 import scipy.integrate
 import scipy.sparse
 
-from refflow._validation import _xp, as_rng, check_labels, check_points, check_scalar, check_time
+from refflow._validation import _xp, as_rng, check_labels, check_points, check_scalar, check_time, exact
 from refflow.backend import as_device_rng, get_namespace, same_backend
 
 __all__ = [
@@ -275,7 +275,7 @@ def _check_t_eval(t_eval, t0: float, t1: float) -> np.ndarray:
     if np.any(arr < lo) or np.any(arr > hi):
         raise ValueError(
             f"t_eval: expected times inside [{lo!r}, {hi!r}] (the integration interval), "
-            f"got min {arr.min()!r}, max {arr.max()!r}"
+            f"got {exact(arr[(arr < lo) | (arr > hi)][0])}"
         )
     return arr
 

@@ -46,7 +46,7 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import Box, getval
 
-from refflow._validation import as_rng, check_labels, check_points, check_scalar, check_time, unbox
+from refflow._validation import as_rng, check_labels, check_points, check_scalar, check_time, exact, unbox
 from refflow.backend import backend_name, namespace_of, rng_namespace, to_host
 from refflow.paths import AffinePath, _on
 
@@ -85,6 +85,24 @@ def logsumexp(a, axis, xp=anp):
     m = xp.max(getval(a), axis=axis, keepdims=True)
     m = xp.where(xp.isfinite(m), m, 0.0)
     return xp.log(xp.sum(xp.exp(a - m), axis=axis)) + xp.squeeze(m, axis=axis)
+
+
+def _check_weights(weights, K, why):
+    """Mixture weights as a float64 array of shape (K,): finite, non-negative, summing to 1."""
+    try:
+        weights = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"weights: expected {K} real numbers, got {type(weights).__name__}") from None
+    if weights.shape != (K,):
+        raise ValueError(f"weights: expected shape ({K},) {why}, got shape {weights.shape}")
+    bad = ~(np.isfinite(weights) & (weights >= 0))  # NaN fails both
+    if np.any(bad):
+        i = int(np.argmax(bad))
+        raise ValueError(f"weights: expected finite non-negative values, got {exact(weights[i])} at index {i}")
+    total = weights.sum()
+    if abs(total - 1.0) > 1e-12 * K:
+        raise ValueError(f"weights: expected values summing to 1 (within {exact(1e-12 * K)}), got sum {exact(total)}")
+    return weights
 
 
 class _MixtureCore:
@@ -312,24 +330,18 @@ class GaussianMixture(_MixtureBase):
         K, d = means.shape
         if K == 0:
             raise ValueError("means: expected at least one component, got an empty (0, d) array")
-        weights = np.asarray(weights, dtype=np.float64)
-        if weights.shape != (K,):
-            raise ValueError(f"weights: expected shape ({K},) to match means, got {weights.shape}")
-        if not np.all(np.isfinite(weights)) or np.any(weights < 0):
-            raise ValueError(f"weights: expected finite non-negative values, got min {np.nanmin(weights)!r}")
-        if abs(weights.sum() - 1.0) > 1e-12 * K:
-            raise ValueError(f"weights: expected values summing to 1, got sum {weights.sum()!r}")
+        weights = _check_weights(weights, K, "to match means")
         cov = np.asarray(covariances, dtype=np.float64)
         if not np.all(np.isfinite(cov)):
             raise ValueError("covariances: expected finite values, got NaN or inf")
         if cov.shape == (K,):
             if np.any(cov <= 0):
-                raise ValueError(f"covariances: expected positive isotropic variances, got min {cov.min()!r}")
+                raise ValueError(f"covariances: expected positive isotropic variances, got {exact(cov.min())}")
             eigvals, eigvecs = np.repeat(cov[:, None], d, axis=1), None
             full = cov[:, None, None] * np.eye(d)
         elif cov.shape == (K, d):
             if np.any(cov <= 0):
-                raise ValueError(f"covariances: expected positive diagonal variances, got min {cov.min()!r}")
+                raise ValueError(f"covariances: expected positive diagonal variances, got {exact(cov.min())}")
             eigvals, eigvecs = cov.copy(), None
             full = np.einsum("ki,ij->kij", cov, np.eye(d))
         elif cov.shape == (K, d, d):
@@ -345,7 +357,7 @@ class GaussianMixture(_MixtureBase):
                     raise ValueError(f"covariances: expected positive-definite matrices, component {k} is not") from None
             eigvals, eigvecs = np.linalg.eigh(full)
             if np.any(eigvals <= 0):
-                raise ValueError(f"covariances: expected positive-definite matrices, got eigenvalue {eigvals.min():.3g}")
+                raise ValueError(f"covariances: expected positive-definite matrices, got eigenvalue {exact(eigvals.min())}")
         else:
             raise ValueError(
                 f"covariances: expected shape ({K}, {d}, {d}), ({K}, {d}) or ({K},), got {cov.shape}"
@@ -424,9 +436,7 @@ class Empirical(_MixtureBase):
             raise ValueError("points: expected at least one point, got an empty array")
         if weights is None:
             weights = np.full(N, 1.0 / N)
-        weights = np.asarray(weights, dtype=np.float64)
-        if weights.shape != (N,) or np.any(weights < 0) or abs(weights.sum() - 1.0) > 1e-12 * N:
-            raise ValueError(f"weights: expected {N} non-negative values summing to 1, got shape {weights.shape}")
+        weights = _check_weights(weights, N, "to match points")
         self.labels = None if labels is None else check_labels(labels, N, "labels")
         self._core = _MixtureCore(weights, points, np.zeros((N, d)), None)
 
