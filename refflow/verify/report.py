@@ -26,7 +26,10 @@ def _environment() -> dict:
     import numba
     import scipy
 
+    from refflow._provenance import provenance
+
     return {
+        **provenance(),  # refflow's version and git commit
         "python": platform.python_version(),
         "numpy": np.__version__,
         "scipy": scipy.__version__,
@@ -52,7 +55,8 @@ def _markdown(results: list[CheckResult], meta: dict, pngs: dict) -> str:
         "# refflow verification report",
         "",
         f"{summary_line(results)} ({'quick' if meta.get('quick') else 'full'} run, "
-        f"{meta['environment']['date']}).",
+        f"{meta['environment']['date']}; refflow {meta['environment']['refflow']}"
+        + (f", commit {meta['environment']['commit']}" if meta['environment'].get("commit") else "") + ").",
         "",
         "Each check compares what refflow computes with ground truth, and runs a negative control "
         "(a planted wrong variant) that the same comparison must reject. A check passes when "
@@ -149,7 +153,7 @@ def _html(results: list[CheckResult], meta: dict, pngs: dict) -> str:
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>refflow verification report</title>"
         f"<style>{_CSS}</style></head><body><h1>refflow verification report</h1>"
         f"<p><strong>{e(summary_line(results))}</strong> ({'quick' if meta.get('quick') else 'full'} run, "
-        f"{e(env['date'])}; numpy {e(env['numpy'])}, scipy {e(env['scipy'])}, numba {e(env['numba'])}, "
+        f"{e(env['date'])}; refflow {e(env['refflow'])}{e(' (commit ' + env['commit'] + ')' if env.get('commit') else '')}, numpy {e(env['numpy'])}, scipy {e(env['scipy'])}, numba {e(env['numba'])}, "
         f"Python {e(env['python'])}).</p>"
         "<p>Each check compares what refflow computes with ground truth and runs a negative control, a planted "
         "wrong variant that the same comparison must reject. A check passes when its error is within the "
