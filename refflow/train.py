@@ -14,12 +14,10 @@ the same parameters, bit for bit, as an uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import io
 import json
 import os
-import sys
-import time
 
 import numpy as np
 from autograd import value_and_grad
@@ -30,7 +28,8 @@ from refflow.backend import as_device_rng, get_namespace, is_device_array, names
 from refflow.losses import cfm_loss
 from refflow.paths import AffinePath, make_path
 
-__all__ = ["Adam", "TrainState", "train", "save_checkpoint", "load_checkpoint", "make_sampler"]
+__all__ = ["Adam", "TrainState", "train", "save_checkpoint", "load_checkpoint", "make_sampler",
+           "TrainingInterrupted", "TrainingDiverged"]
 
 CHECKPOINT_FORMAT = "refflow-checkpoint-1"
 
@@ -160,6 +159,16 @@ def train(model, target, path: AffinePath, *, steps: int, batch_size: int = 256,
     Returns
     -------
     TrainState
+
+    Raises
+    ------
+    TrainingInterrupted
+        On Ctrl-C (in the main thread), once the step in progress is done;
+        its ``.state`` is consistent and can be saved and resumed.
+    TrainingDiverged
+        When the loss becomes NaN or inf, or exceeds
+        ``EXPLODING_LOSS_FACTOR`` times its first value (the learning rate
+        is the usual cause); ``.state`` is the state before that step.
     """
     if not isinstance(path, AffinePath):
         raise TypeError(f"path: expected an AffinePath, got {type(path).__name__}")
@@ -192,6 +201,18 @@ def train(model, target, path: AffinePath, *, steps: int, batch_size: int = 256,
     loss_and_grad = _loss_and_grad(model, path)
     d = model.dim
     bar = _Progress(steps) if progress else None
+    try:
+        with _deferred_interrupt() as interrupted:
+            _run_steps(steps, state, sampler, loss_and_grad, d, batch_size, conditional, label_dropout,
+                       bar, on_step, interrupted)
+    finally:
+        if bar is not None:
+            bar.close()
+    return state
+
+
+def _run_steps(steps, state, sampler, loss_and_grad, d, batch_size, conditional, label_dropout, bar, on_step,
+               interrupted):
     for _ in range(steps):
         x_1, y = sampler(batch_size, state.rng)
         x_1 = check_points(x_1, "target sample", d)
@@ -204,8 +225,7 @@ def train(model, target, path: AffinePath, *, steps: int, batch_size: int = 256,
         else:
             y = None
         value, grad = loss_and_grad(state.params, x_0, x_1, t, y)
-        if not bool(namespace_of(value).isfinite(value)):
-            raise FloatingPointError(f"loss became {value} at step {state.step}; lower lr (now {state.optimizer.lr})")
+        _check_loss(float(value), state)
         state.params = state.optimizer.update(state.params, grad)
         if state.ema_params is not None:
             state.ema_params = state.ema_decay * state.ema_params + (1.0 - state.ema_decay) * state.params
@@ -215,9 +235,71 @@ def train(model, target, path: AffinePath, *, steps: int, batch_size: int = 256,
             bar.update(state)
         if on_step is not None:
             on_step(state)
-    if bar is not None:
-        bar.close()
-    return state
+        if interrupted():
+            raise TrainingInterrupted(state)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`: raised after the step in progress has finished.
+
+    ``.state`` is the :class:`TrainState` after the last whole step, so it can
+    be saved and resumed (bit for bit, like an uninterrupted run).  It is a
+    ``KeyboardInterrupt``, so code that does not catch it stops as usual.
+    """
+
+    def __init__(self, state):
+        super().__init__(f"training interrupted after step {state.step}")
+        self.state = state
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or inf, or grew far beyond its first value: ``.state`` is left
+    at the last step before (the parameters are not updated with the bad step)."""
+
+    def __init__(self, message, state):
+        super().__init__(message)
+        self.state = state
+
+
+# A loss this many times its first value means the steps diverge (the CFM loss starts
+# near its largest value and falls; a good run never grows it even 100-fold).
+EXPLODING_LOSS_FACTOR = 1e6
+
+
+def _check_loss(value, state):
+    lr = state.optimizer.lr
+    hint = f"the learning rate lr = {lr!r} is likely too large; try {lr / 10!r} or less"
+    if not np.isfinite(value):
+        raise TrainingDiverged(f"loss became {value!r} at step {state.step + 1}: {hint}", state)
+    first = state.losses[0] if state.losses else None
+    if first is not None and value > EXPLODING_LOSS_FACTOR * max(first, np.finfo(float).tiny):
+        raise TrainingDiverged(f"loss exploded to {value!r} at step {state.step + 1}, "
+                               f"{value / first:.3g} times its first value {first!r}: {hint}", state)
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Turn the first Ctrl-C (SIGINT) into a flag that the step loop checks after each whole
+    step, so an interrupted run keeps a consistent, resumable state; a second Ctrl-C stops
+    at once.  Outside the main thread (where signals cannot be caught) Ctrl-C is left alone."""
+    import signal
+    import threading
+
+    flag = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: False
+        return
+
+    def on_sigint(signum, frame):
+        flag.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: bool(flag)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _loss_and_grad(model, path):
@@ -244,31 +326,22 @@ def _loss_and_grad(model, path):
 
 
 class _Progress:
-    """A one-line progress display with the running (exponentially averaged) loss."""
+    """Training's progress line: steps, the running (exponentially averaged) loss, rate and ETA."""
 
-    def __init__(self, total, stream=sys.stderr):
-        self.total, self.stream, self.done = total, stream, 0
-        self.start = time.perf_counter()
-        # A terminal gets a line that updates in place; a log gets ten lines.
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
-        self.every = max(1, total // (100 if self.tty else 10))
-        self.running = None
+    def __init__(self, total, stream=None):
+        from refflow._progress import Progress
+
+        self.bar = Progress(total, "training", unit="steps", stream=stream)
+        self.done, self.running = 0, None
 
     def update(self, state):
         self.done += 1
         value = state.losses[-1]
         self.running = value if self.running is None else 0.98 * self.running + 0.02 * value
-        if self.done % self.every == 0 or self.done == self.total:
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            start, end = ("\r", "") if self.tty else ("", "\n")
-            self.stream.write(f"{start}step {state.step} ({self.done}/{self.total}) "
-                              f"loss {self.running:.4f} {rate:.0f} steps/s{end}")
-            self.stream.flush()
+        self.bar.update(self.done, note=f"step {state.step}, loss {self.running:.4f}")
 
     def close(self):
-        if self.tty:
-            self.stream.write("\n")
-        self.stream.flush()
+        self.bar.close()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -307,33 +380,23 @@ def save_checkpoint(file, state: TrainState, model, path: AffinePath, extra: dic
 def load_checkpoint(file):
     """Read a checkpoint; returns ``(model, path, state, extra)``.
 
-    Raises ``ValueError`` naming the file when it is missing, not a refflow
-    checkpoint, or damaged.
+    Raises ``ValueError`` (:class:`refflow._schema.CheckpointError`) naming
+    the file and the field when it is missing, not a refflow checkpoint,
+    damaged, or edited: every key is checked against the schema of
+    :mod:`refflow._schema` (unknown and missing keys included), and nothing
+    read from the file picks a Python object by name.
     """
-    from refflow.nn import MLP  # the only model kind a checkpoint stores today
+    from refflow._schema import CheckpointError, read_checkpoint
 
     file = os.fspath(file)
     if not os.path.isfile(file):
-        raise ValueError(f"model file: {file!r} does not exist")
-    try:
-        with open(file, "rb") as fh:
-            data = dict(np.load(io.BytesIO(fh.read()), allow_pickle=False))
-        config = json.loads(str(data["config"]))
-    except Exception as exc:
-        raise ValueError(f"model file: {file!r} is not a readable refflow checkpoint ({exc})") from None
-    if config.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"model file: {file!r} has format {config.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-    model = MLP.from_config(config["model"])
-    path = make_path(config["path"])
-    params = data["params"]
-    if params.shape != (model.n_params,):
-        raise ValueError(f"model file: {file!r} holds {params.shape} parameters, its model needs ({model.n_params},)")
+        raise CheckpointError(f"model file: {file!r} does not exist")
+    # Every field is checked against the schema in refflow._schema before use.
+    config, data, model, path, rng = read_checkpoint(file, CHECKPOINT_FORMAT)
     adam_cfg = config["adam"]
     optimizer = Adam(lr=adam_cfg["lr"], beta1=adam_cfg["beta1"], beta2=adam_cfg["beta2"], eps=adam_cfg["eps"],
                      m=data.get("adam_m"), v=data.get("adam_v"), step=adam_cfg["step"])
-    bit_generator = getattr(np.random, config["rng_kind"])()
-    bit_generator.state = config["rng"]
-    state = TrainState(params=params, optimizer=optimizer, rng=np.random.Generator(bit_generator),
+    state = TrainState(params=data["params"], optimizer=optimizer, rng=rng,
                        step=config["step"], ema_params=data.get("ema_params"), ema_decay=config["ema_decay"],
                        losses=data["losses"].tolist())
     return model, path, state, config["extra"]
