@@ -5,10 +5,28 @@ Build (warnings are errors)::
     pip install -e ".[docs]"
     python -m sphinx -W -b html docs docs/_build/html
 
-Pages are Markdown (myst-parser); mathematics is rendered by MathJax through
-myst's ``dollarmath`` and ``amsmath`` extensions.  Code shown beside an
-equation is pulled from the source with ``literalinclude`` and ``:pyobject:``,
-so a renamed or deleted object fails the build instead of going stale.
+Pages are Markdown (MyST); mathematics is rendered by MathJax through
+myst's ``dollarmath`` and ``amsmath`` extensions.  MathJax itself is served
+from the built site (``sphinx-mathjax-offline`` ships MathJax 3 and copies it
+into ``_static/mathjax``), so the pages render with no network; no page loads
+a script or stylesheet from another host (``tests/test_docs_build.py``).
+
+Tutorials (``tutorials/*.py``) are jupytext percent scripts that ``myst-nb``
+reads as notebooks and executes at build time, so the pages show their output
+and figures.  We chose myst-nb over sphinx-gallery because the scripts are
+already jupytext notebooks (cells, Markdown prose with ``$...$`` math that
+MyST renders like every other page) and over jupytext + nbconvert because it
+needs no separate conversion step.  With ``CI`` set (or ``REFFLOW_FAST=1``)
+the tutorials run in their fast mode; set ``REFFLOW_FAST=0`` for a full run.
+
+The figures on the equation pages are drawn at build time, by
+``_build_figures`` below, from the same registered checks (and the same
+plotting functions of ``refflow.plotting`` / ``refflow.figures``) as the
+``refflow verify`` report; they are written to ``_generated/`` (not in git).
+
+Code shown beside an equation is pulled from the source with
+``literalinclude`` and ``:pyobject:``, so a renamed or deleted object fails
+the build instead of going stale.
 """
 from __future__ import annotations
 
@@ -32,14 +50,20 @@ try:
 except Exception:  # pragma: no cover - the API page will then fail loudly
     release = version = "unknown"
 
+# CI builds the tutorials in their fast mode (a few training steps); the kernel
+# that myst-nb starts inherits this environment.
+if os.environ.get("CI") and "REFFLOW_FAST" not in os.environ:
+    os.environ["REFFLOW_FAST"] = "1"
+os.environ.setdefault("MPLBACKEND", "Agg")
+
 extensions = [
-    "myst_parser",
+    "myst_nb",  # MyST Markdown pages, and the tutorials as executed notebooks
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # serves MathJax 3 from _static/mathjax: no CDN
 ]
 
-source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
 
 # Only the pages are sources: not the build, not the tutorial scripts (they are
@@ -49,10 +73,19 @@ exclude_patterns = [
     "Thumbs.db",
     ".DS_Store",
     "**/.ipynb_checkpoints",
-    "tutorials/*.py",
-    "tutorials/**/*.py",
+    "conf.py",
+    "_generated",
     "README.md",
 ]
+
+# -- myst-nb: the tutorials are jupytext percent scripts, executed at build time ------
+nb_custom_formats = {".py": ["jupytext.reads", {"fmt": "py:percent"}]}
+nb_execution_mode = "force"
+nb_execution_timeout = 900
+nb_execution_raise_on_error = True  # a tutorial that fails fails the build
+nb_execution_show_tb = True
+nb_execution_in_temp = True  # the files a tutorial writes go to a temporary folder
+nb_merge_streams = True
 
 # -- MyST -----------------------------------------------------------------------
 myst_enable_extensions = [
@@ -77,7 +110,8 @@ napoleon_use_rtype = False
 # -- HTML -------------------------------------------------------------------------
 html_theme = "alabaster"
 html_title = "refflow"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["refflow.css"]
 html_show_sourcelink = False
 
 # Sections that napoleon turns into fields.  Any other underlined heading inside a
@@ -268,7 +302,72 @@ class RefflowChecks(_GeneratedContent):
         return self.emit(md, rst)
 
 
+# -- figures drawn at build time -------------------------------------------------------
+# The checks whose report figures the equation pages show; each runs in its quick
+# mode (a few seconds), exactly as ``refflow verify --quick`` runs it, and its
+# figure is the report's figure.  ``gradients.mc_rate`` is not in --quick but
+# takes about three seconds.
+FIGURE_CHECKS = (
+    "paths.derivatives",           # the schedules alpha_t, sigma_t (gaussian-paths)
+    "figure2.crossings",           # Figure 2 (gaussian-paths)
+    "targets.continuity",          # u_t over p_t (flow-matching)
+    "gradients.cfm_fm_monte_carlo",  # z of grad L_CFM - grad L_FM (flow-matching)
+    "gradients.mc_rate",           # the N^(-1/2) slope of that difference (flow-matching)
+    "solvers.order",               # convergence slopes of Euler / midpoint / RK4 (training-and-sampling)
+    "cnf.closed_form_likelihood",  # eq 14 against the closed-form log p_1 (likelihood)
+)
+GENERATED = os.path.join(HERE, "_generated")
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}"
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>|#$])")
+
+
+def _plain(text: str) -> str:
+    """``text`` escaped so that MyST shows it as it is (a check's prose has ``||x||``, ``*``, ``_``)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def _build_figures(app):
+    """Run the checks of ``FIGURE_CHECKS`` and write ``_generated/<check>.png`` and ``.md``.
+
+    The ``.md`` snippet is the figure with a caption that says what the check
+    compared, its error against its tolerance and whether its negative control
+    was caught; the pages include it with ``{include}``.  A check that fails
+    fails the build.
+    """
+    from refflow.plotting import save_figure
+    from refflow.verify.registry import registered, run_check
+
+    os.makedirs(GENERATED, exist_ok=True)
+    entries = {e.name: e for e in registered()}
+    for name in FIGURE_CHECKS:
+        r = run_check(entries[name], quick=True)
+        if not r.passed or r.figure is None:
+            raise RuntimeError(f"docs figure {name}: check failed or drew no figure ({r.message})")
+        save_figure(r.figure, os.path.join(GENERATED, f"{name}.png"))
+        caution = "caught" if r.control_caught else "NOT caught"
+        text = [
+            f"```{{figure}} /_generated/{name}.png",
+            f":alt: figure of the check {name}",
+            f":name: fig-{name.replace('.', '-')}",
+            "",
+            f"Drawn by the docs build from the check `{name}` (eq {r.equations}), the figure of the "
+            f"report of `refflow verify --only {name}`. Compared: {_plain(r.compared)}. "
+            f"Error {_fmt(r.error)} against tolerance {_fmt(r.tolerance)}; negative control "
+            f"({_plain(r.control)}) error {_fmt(r.control_error)}, {caution}.",
+            "```",
+            "",
+        ]
+        with open(os.path.join(GENERATED, f"{name}.md"), "w") as fh:
+            fh.write("\n".join(text))
+
+
 def setup(app):
+    app.connect("builder-inited", _build_figures)
     app.add_directive("optional-automodule", OptionalAutomodule)
     app.add_directive("refflow-checks", RefflowChecks)
     app.connect("autodoc-process-docstring", _headings_to_rubrics, priority=100)

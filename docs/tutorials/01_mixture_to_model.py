@@ -21,21 +21,45 @@
 # 5. likelihoods by the CNF change of variables (eq 14);
 # 6. a verification report, `refflow verify` from Python.
 #
-# Run it as a script (`python 01_mixture_to_model.py`) or open it as a notebook
-# with jupytext. Set `REFFLOW_FAST=1` for a run of a few seconds (a handful of
-# training steps: the numbers are then not meaningful, only the plumbing is).
-# Outputs go to `tutorial-01/` in the current directory.
+# This page is the script `docs/tutorials/01_mixture_to_model.py` (jupytext
+# percent format), executed when the docs are built. Run it yourself with
+# `python docs/tutorials/01_mixture_to_model.py` or open it as a notebook with
+# jupytext. With `REFFLOW_FAST=1` (as in CI and in `tests/test_tutorials.py`)
+# it runs in seconds with a handful of training steps: the numbers are then not
+# meaningful, only the plumbing is; the full run trains for 2000 steps and
+# takes minutes. Files go to `tutorial-01/` in the current directory.
 
-# %%
+# %% tags=["hide-input"]
+# `show(fig)`: save the figure under OUT and, in a notebook (the docs build
+# runs this page as one), display it too. Not part of the method.
+import io
 import os
 import pathlib
 
+import matplotlib.pyplot as plt
+
+
+def show(fig, name):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    (OUT / name).write_bytes(buf.getvalue())
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    if get_ipython() is not None:
+        display(Image(buf.getvalue()))
+
+
+# %%
 import numpy as np
 
 import refflow as rf
 from refflow import cnf
 from refflow.nn import MLP
-from refflow.plotting import plot_samples, save_figure
+from refflow.plotting import plot_field_comparison, plot_marginal_fields, plot_samples
 from refflow.solvers import sample
 from refflow.train import train
 from refflow.verify.registry import run_checks
@@ -63,6 +87,7 @@ path = rf.OTPath(sigma_min=0.0)
 marginal = target.marginal(path)
 print(target, path)
 print("ends of the path:", path.boundary())
+show(plot_marginal_fields(marginal), "marginal.png")
 
 # %% [markdown]
 # ## 2. The field training should find
@@ -102,6 +127,7 @@ u_true = marginal.velocity(x, t)
 u_model = model.apply(params, t, x)
 rel_l2 = np.mean(np.sum((u_model - u_true) ** 2, axis=1)) / np.mean(np.sum(u_true**2, axis=1))
 print(f"relative L2 error of the learned field: {rel_l2:.3f}")
+show(plot_field_comparison(lambda t, x: model.apply(params, t, x), marginal), "fields.png")
 
 # %% [markdown]
 # ## 4. Sampling (Algorithm 2)
@@ -119,7 +145,7 @@ reference = target.sample(N_POINTS, rng)
 for name, sol in (("Euler, 100 steps", euler), ("RK4, 25 steps", rk4)):
     gap = np.mean(target.log_prob(sol.x)) - np.mean(target.log_prob(reference))
     print(f"{name}: {sol.nfe} field evaluations, mean log q_1 gap {gap:+.3f} nats")
-save_figure(plot_samples(rk4.x, target, title="RK4 samples of the trained model"), OUT / "samples.png")
+show(plot_samples(rk4.x, target, title="RK4 samples of the trained model over q_1"), "samples.png")
 
 # %% [markdown]
 # ## 5. Likelihoods (eq 14)

@@ -28,8 +28,15 @@
 # | `sampler` | `(n, seed) -> x` | two-sample tests against exact draws |
 # | `guided` | `(t, x, y, w) -> u` | eq 40, in either weighting convention |
 #
-# `t` arrives as an array of shape `(n,)`, one time per row. Set
-# `REFFLOW_FAST=1` for a run of a few seconds. Files go to `tutorial-02/`.
+# `t` arrives as an array of shape `(n,)`, one time per row. Each failing
+# report names the likely cause (`sigma_min_dropped`, `nearest_component`,
+# `divergence_sign`, ...). See also
+# [checking your implementation](../checking-your-implementation.md).
+#
+# This page is the script `docs/tutorials/02_check_your_implementation.py`,
+# executed when the docs are built; run it with `python` or open it with
+# jupytext. `REFFLOW_FAST=1` (CI, `tests/test_tutorials.py`) uses few rows per
+# check and runs in seconds. Files go to `tutorial-02/`.
 
 # %%
 import os
@@ -222,3 +229,18 @@ assert proc.returncode == 0, proc.stderr
 # For an implementation in another language, `refflow golden --out DIR` writes
 # the inputs and closed-form outputs of every case as `.npz` files with a
 # `manifest.json` of conventions; the bytes are the same on every run.
+#
+# ## Who checks the checker?
+#
+# `refflow check` is itself under test in `refflow verify`:
+#
+# - `validate.reference_passes` runs refflow's own closed-form path, field (with
+#   labels), log-likelihood, sampler and guided field through `refflow check` and
+#   requires every property within its tolerance (worst error/tolerance
+#   $\le 1$). Negative control: a path whose target drops $\sigma_{min}$, which
+#   must fail, and be named `sigma_min_dropped`.
+#   `refflow verify --only validate.reference_passes`.
+# - `golden.reproducible` writes the golden vectors of two cases twice and
+#   requires identical SHA-256 digests for every file. Negative control: the same
+#   arrays in zip archives stamped with the wall clock, as `numpy.savez` does,
+#   written an hour apart.
