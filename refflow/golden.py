@@ -31,7 +31,8 @@ import numpy as np
 
 import refflow
 from refflow._io import atomic_write_bytes
-from refflow.validate import _f32_exact, _finite_pair_velocity_at_one, catalog, get_case
+from refflow.validate import catalog, get_case
+from refflow.validate.precision import f32_exact as _f32_exact, finite_pair_velocity_at_one as _finite_pair_velocity_at_one
 from refflow.solvers import guided_field
 
 __all__ = ["FORMAT", "ARRAYS", "PATH_FORMULAS", "case_arrays", "write_npz", "write_golden", "case_file_name"]

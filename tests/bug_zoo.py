@@ -27,6 +27,7 @@ from refflow.validate import get_case
 OT = "eight-gaussians/ot/sigma_min=0/d=2"
 OT_MIN = "eight-gaussians/ot/sigma_min=0.05/d=2"
 VP = "eight-gaussians/vp/sigma_min=0/d=2"
+LINEAR_VP = "eight-gaussians/linear-vp/sigma_min=0/d=2"
 SIGMA_MIN = 0.05
 
 # The eight-Gaussians target written out by hand: means on a circle of radius 4, std 0.4.
@@ -119,6 +120,101 @@ def bug_path_float32_cancellation(x_0, x_1, t):
     return x_t, u_t
 
 
+def vp_path_naive_sigma(x_0, x_1, t):
+    """Correct VP path written as flow_matching writes it: sigma = sqrt(1 - exp(-T)), in float64.
+
+    1 - exp(-T) loses digits as T -> 0 (t -> 1), where the path itself is
+    ill-conditioned; a correct formula, so it must pass.
+    """
+    s = 1.0 - t
+    T = 0.1 * s + 0.5 * (20.0 - 0.1) * s**2
+    dT = 0.1 + (20.0 - 0.1) * s
+    alpha = np.exp(-0.5 * T)
+    sigma = np.sqrt(1.0 - np.exp(-T))
+    d_alpha = 0.5 * alpha * dT
+    d_sigma = -0.5 * np.exp(-T) * dT / sigma
+    a, s_, da, ds = (v[:, None] for v in (alpha, sigma, d_alpha, d_sigma))
+    return s_ * x_0 + a * x_1, ds * x_0 + da * x_1
+
+
+def linear_vp_path_float32(x_0, x_1, t):
+    """Correct linear-VP path (alpha = t, sigma = sqrt(1 - t^2)) in float32, the plain formula."""
+    x_0, x_1, t = (np.asarray(a, dtype=np.float32) for a in (x_0, x_1, t))
+    t = t[:, None]
+    sigma = np.sqrt(1 - t * t)
+    with np.errstate(divide="ignore"):
+        d_sigma = -t / sigma
+    return sigma * x_0 + t * x_1, d_sigma * x_0 + x_1
+
+
+def ot_path_float16(x_0, x_1, t):
+    """Correct OT path (sigma_min = 0) computed in float16."""
+    x_0, x_1, t = (np.asarray(a, dtype=np.float16) for a in (x_0, x_1, t))
+    t = t[:, None]
+    return (1 - t) * x_0 + t * x_1, x_1 - x_0
+
+
+def bug_path_float16_five_percent(x_0, x_1, t):
+    """float16 output 5% too large (a blanket 100 eps tolerance of float16 would pass it)."""
+    x_t, u_t = ot_path_float16(x_0, x_1, t)
+    return x_t * np.float16(1.05), u_t * np.float16(1.05)
+
+
+def ot_path_own_noise(x_0, x_1, t):
+    """Correct OT path (sigma_min = 0.05) that ignores x_0 and draws its own noise on every call."""
+    noise = np.random.default_rng().standard_normal(x_1.shape)
+    t = t[:, None]
+    return (1 - (1 - SIGMA_MIN) * t) * noise + t * x_1, x_1 - (1 - SIGMA_MIN) * noise
+
+
+def bug_path_own_noise_sigma_squared(x_0, x_1, t):
+    """Own noise, and sigma_t^2 where sigma_t belongs."""
+    noise = np.random.default_rng(1).standard_normal(x_1.shape)
+    t = t[:, None]
+    sigma = 1 - (1 - SIGMA_MIN) * t
+    return sigma**2 * noise + t * x_1, -2 * (1 - SIGMA_MIN) * sigma * noise + x_1
+
+
+def bug_path_noise_redrawn(x_0, x_1, t):
+    """Own noise, but a second draw for u_t: the target does not belong to the returned x_t."""
+    rng = np.random.default_rng()
+    t = t[:, None]
+    x_t = (1 - (1 - SIGMA_MIN) * t) * rng.standard_normal(x_1.shape) + t * x_1
+    return x_t, x_1 - (1 - SIGMA_MIN) * rng.standard_normal(x_1.shape)
+
+
+def bug_path_modifies_inputs(x_0, x_1, t):
+    """Scales x_0 in place (as x *= 2 on torch.from_numpy(x) does) and returns the path of 2 x_0."""
+    x_0 *= 2.0
+    t = t[:, None]
+    return (1 - (1 - SIGMA_MIN) * t) * x_0 + t * x_1, x_1 - (1 - SIGMA_MIN) * x_0
+
+
+def bug_path_outputs_swapped(x_0, x_1, t):
+    """Returns (u_t, x_t) instead of (x_t, u_t)."""
+    x_t, u_t = ot_path(x_0, x_1, t)
+    return u_t, x_t
+
+
+def bug_path_repairs_batch(x_0, x_1, t):
+    """Re-pairs the batch: x_0 rows sorted by their first coordinate (a coupling, not a path)."""
+    return ot_path(x_0[np.argsort(x_0[:, 0])], x_1, t)
+
+
+def bug_path_nondeterministic(x_0, x_1, t):
+    """Uses x_0 but adds a little unseeded jitter to the target on every call."""
+    x_t, u_t = ot_path(x_0, x_1, t)
+    return x_t, u_t + 1e-6 * np.random.default_rng().standard_normal(u_t.shape)
+
+
+def bug_path_nonfinite_and_sigma_min_dropped(x_0, x_1, t):
+    """NaN on the rows with t > 0.999, and the target of eq 37 elsewhere: both must be named."""
+    x_t, u_t = bug_path_sigma_min_dropped(x_0, x_1, t)
+    u_t = u_t.copy()
+    u_t[t > 0.999] = np.nan
+    return x_t, u_t
+
+
 # ---------------------------------------------------------------------------
 # Fields (t, x[, y]) -> u: the eight-Gaussians marginal field, by hand (eq 19)
 # ---------------------------------------------------------------------------
@@ -160,6 +256,11 @@ def ot_field_conditional(t, x, y):
 def trained_ot_field(t, x):
     """A 'trained model': the field with a small smooth error (passes a threshold, not the exact check)."""
     return _mixture_field(t, x, SIGMA_MIN) * 1.01 + 0.01 * np.sin(x)
+
+
+def bug_field_arguments_swapped(x, t):
+    """A correct field written for the (x, t) order."""
+    return _mixture_field(t, x, sigma_min=SIGMA_MIN)
 
 
 def bug_field_nearest_component(t, x):
@@ -238,15 +339,21 @@ def bug_loglik_missing_normaliser(x):
     return _cnf(x, normalised=False)
 
 
-def bug_loglik_hutchinson_per_step(x, n_steps=50):
-    """RK4 CNF whose divergence is a Hutchinson estimate with a fresh probe every step, unseeded."""
-    rng = np.random.default_rng()           # the mistake: a new, unseeded probe at every step
+def hutchinson_loglik_per_step(x, n_steps=50, probe="rademacher"):
+    """RK4 CNF whose divergence is a Hutchinson estimate with a fresh, unseeded probe every step.
+
+    Unbiased (each step's estimate is), so it is judged by its mean over repeated calls and passes.
+    """
+    rng = np.random.default_rng()
     n, d = x.shape
     h = 1e-5
 
     def rhs(t, state):
         x_t = state[:, :d]
-        eps = rng.choice([-1.0, 1.0], size=x_t.shape)
+        if probe == "rademacher":
+            eps = rng.choice([-1.0, 1.0], size=x_t.shape)
+        else:                                # the mistake: E[eps^2] = 1/3, not 1
+            eps = rng.uniform(-1.0, 1.0, size=x_t.shape)
         jvp = (_field_and_divergence(t, x_t + h * eps)[0] - _field_and_divergence(t, x_t - h * eps)[0]) / (2 * h)
         return np.concatenate([_field_and_divergence(t, x_t)[0], np.sum(eps * jvp, axis=1)[:, None]], axis=1)
 
@@ -260,6 +367,11 @@ def bug_loglik_hutchinson_per_step(x, n_steps=50):
         state = state + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
     x_0 = state[:, :d]
     return -0.5 * np.sum(x_0**2, axis=1) - 0.5 * d * np.log(2 * np.pi) + state[:, d]
+
+
+def bug_loglik_hutchinson_uniform_probe(x):
+    """Hutchinson with a uniform(-1, 1) probe: E[eps eps^T] = I / 3, so the trace is a third too small."""
+    return hutchinson_loglik_per_step(x, probe="uniform")
 
 
 # ---------------------------------------------------------------------------
@@ -377,6 +489,11 @@ REFERENCES = {
     "ot_path": ("path", OT_MIN, {}),
     "ot_path_float32": ("path", OT, {}),
     "vp_path": ("path", VP, {}),
+    "vp_path_naive_sigma": ("path", VP, {}),
+    "linear_vp_path_float32": ("path", LINEAR_VP, {}),
+    "ot_path_float16": ("path", OT, {}),
+    "ot_path_own_noise": ("path", OT_MIN, {}),
+    "hutchinson_loglik_per_step": ("loglik", OT, {"n": 32}),
     "ot_field": ("field", OT_MIN, {}),
     "ot_field_conditional": ("field", OT_MIN, {}),
     "trained_ot_field": ("field", OT_MIN, {"threshold": 1e-3}),
@@ -403,7 +520,16 @@ ZOO = {
     "trained_ot_field": ("field", OT_MIN, {}, "u", None),
     "bug_loglik_divergence_sign": ("loglik", OT, {}, "log_p1", "divergence_sign"),
     "bug_loglik_missing_normaliser": ("loglik", OT, {}, "log_p1", "missing_normaliser"),
-    "bug_loglik_hutchinson_per_step": ("loglik", OT, {}, "deterministic", "stochastic_divergence"),
+    "bug_loglik_hutchinson_uniform_probe": ("loglik", OT, {"n": 32}, "log_p1", "biased_trace_estimate"),
+    "bug_path_float16_five_percent": ("path", OT, {}, "x_t", None),
+    "bug_path_own_noise_sigma_squared": ("path", OT_MIN, {}, "x_t_law", None),
+    "bug_path_noise_redrawn": ("path", OT_MIN, {}, "u_t_given_x_t", "noise_redrawn"),
+    "bug_path_modifies_inputs": ("path", OT_MIN, {}, "inputs", "modified_inputs"),
+    "bug_path_outputs_swapped": ("path", OT_MIN, {}, "x_t", "outputs_swapped"),
+    "bug_path_repairs_batch": ("path", OT_MIN, {}, "x_t", "repairs_batch"),
+    "bug_path_nondeterministic": ("path", OT_MIN, {}, "deterministic", "nondeterministic"),
+    "bug_path_nonfinite_and_sigma_min_dropped": ("path", OT_MIN, {}, "u_t", "sigma_min_dropped"),
+    "bug_field_arguments_swapped": ("field", OT_MIN, {}, "u", "arguments_swapped"),
     "bug_sampler_euler_t_plus_delta": ("sampler", OT, {}, "mean_log_prob", None),
     "bug_sampler_wrong_variance": ("sampler", OT, {}, "moments", "wrong_spread"),
     "bug_sampler_time_reversed": ("sampler", OT, {}, "mean_log_prob", "time_reversed"),

@@ -117,13 +117,14 @@ def test_load_impl_errors_name_the_argument(spec, error, message):
 
 def test_wrong_output_shapes_are_named():
     case = get_case(OT)
-    with pytest.raises(ValueError, match=r"impl: expected u_t \(second output\) of shape \(512, 2\), got shape \(512,\)"):
+    # the implementation's failures are ImplementationError; the caller's mistakes ValueError/TypeError
+    with pytest.raises(ImplementationError, match=r"impl: expected u_t \(second output\) of shape \(512, 2\), got shape \(512,\)"):
         check("path", lambda x_0, x_1, t: (x_0, t), case)
-    with pytest.raises(ValueError, match=r"impl: expected the path function to return a pair"):
+    with pytest.raises(ImplementationError, match=r"impl: expected the path function to return a pair"):
         check("path", lambda x_0, x_1, t: x_0, case)
-    with pytest.raises(ValueError, match=r"one value per row of x\) of shape \(64,\), got shape \(64, 1\)"):
+    with pytest.raises(ImplementationError, match=r"one value per row of x\) of shape \(64,\), got shape \(64, 1\)"):
         check("loglik", lambda x: x[:, :1], case, n=64)
-    with pytest.raises(TypeError, match="impl: expected the field's output u to be a real array"):
+    with pytest.raises(ImplementationError, match="impl: expected the field's output u to be a real array"):
         check("field", lambda t, x: "u", case, n=64)
     with pytest.raises(ValueError, match="kind: expected one of"):
         check("flow", lambda t, x: x, case)
@@ -173,8 +174,14 @@ def test_float32_output_gets_the_float32_tolerance():
 
     report = check("path", f32, case)
     assert report.passed, report.table()
-    assert report["u_t"].tolerance == pytest.approx(100 * np.finfo(np.float32).eps)
+    # the bound is float32's unit roundoff 2^-24 times the safety factor and the row's terms
+    assert "u = 5.96e-08" in report["u_t"].details["tolerance_rule"]
+    assert 2.0**-24 < report["u_t"].tolerance < 1e-4
     assert report.settings["output_dtype"] == "float32"
+    # and a float64 implementation is held to float64's: 1e-6 relative is far too much
+    off = check("path", lambda x_0, x_1, t: (path.sample(x_0, x_1, t) * (1 + 1e-9),
+                                             path.pair_velocity(x_0, x_1, t)), case)
+    assert off["x_t"].passed is False and off["u_t"].passed is True
 
 
 def test_threshold_judges_a_trained_field_by_its_relative_l2_error():

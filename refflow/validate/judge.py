@@ -1,0 +1,106 @@
+"""Judging an exact quantity row by row against its rounding bound, and naming what went wrong."""
+from __future__ import annotations
+
+import numpy as np
+
+from refflow.validate.causes import localised_near_one, match_variants, max_row_distance
+from refflow.validate.errors import row_error, row_scale
+from refflow.validate.report import PropertyResult
+
+__all__ = ["exact_property", "bound_rows", "inputs_property"]
+
+
+def bound_rows(bound, scale) -> np.ndarray:
+    """A per-element bound as a per-row one on the scale of :func:`row_error`: ``max_j bound_ij / s_i``."""
+    bound = np.asarray(bound, dtype=np.float64)
+    n = bound.shape[0]
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.max(bound.reshape(n, -1), axis=1) / scale
+
+
+def exact_property(name, compared, got, truth, bound, t, variants, *, judged=True, details=None,
+                   scale=None, note="", rule="", extra_causes=()):
+    """Compare ``got`` with ``truth`` row by row, each row against its own bound.
+
+    Parameters
+    ----------
+    got, truth : arrays, shape (n, ...)
+    bound : array (n,) or float
+        The allowed row error (on the scale of :func:`row_error`): a float
+        for a user's threshold, the rounding bound of each row otherwise.
+    t : array (n,) or None
+        The rows' times (for the diagnosis "precision lost near t = 1" and the report).
+    variants : dict
+        Planted wrong variants (see :func:`refflow.validate.causes.match_variants`).
+    rule : str
+        The tolerance in words, for the report.
+    extra_causes : sequence of str
+        Causes found by other evidence, named before the variants.
+
+    Rows that are not finite fail and are counted; the other rows are still
+    judged and diagnosed.  ``error`` and ``tolerance`` are those of the
+    finite row furthest over (or closest to) its bound, so that ``error <=
+    tolerance`` exactly when every finite row passes; ``details["max_error"]``
+    is the largest row error.
+    """
+    n = truth.shape[0]
+    scale = row_scale(truth) if scale is None else scale
+    bound = np.broadcast_to(np.asarray(bound, dtype=np.float64), (n,))
+    err_rows = row_error(got, truth, scale)
+    got_rows = np.asarray(got, dtype=np.float64).reshape(n, -1)
+    finite = np.all(np.isfinite(got_rows), axis=1)
+    details = dict(details or {})
+    if rule:
+        details["tolerance_rule"] = rule
+    if finite.any():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(finite, err_rows / np.maximum(bound, np.finfo(float).tiny), -np.inf)
+        worst = int(np.argmax(ratio))
+        # the row furthest over its bound (or closest to it): error <= tolerance exactly when all pass
+        error = float(err_rows[worst])
+        tol = float(bound[worst])
+        details["max_error"] = float(np.max(err_rows[finite]))
+        details["worst_ratio"] = float(ratio[worst])
+        details["worst_error"] = float(err_rows[worst])
+        details["worst_bound"] = tol
+        details["worst_t"] = None if t is None else float(np.broadcast_to(t, (n,))[worst])
+        rows_ok = bool(np.all(err_rows[finite] <= bound[finite]))
+    else:
+        error, tol, rows_ok = float("inf"), float(np.max(bound)), False
+    nonfinite = int((~finite).sum())
+    if nonfinite:
+        details["nonfinite_rows"] = nonfinite
+        if t is not None:
+            bad_t = np.broadcast_to(np.asarray(t, dtype=np.float64), (n,))[~finite]
+            details["nonfinite_at_t"] = sorted({float(v) for v in bad_t})[:5]
+    passed = bool(rows_ok and nonfinite == 0) if judged else None
+    causes = list(extra_causes) if judged and not passed else []
+    if judged and not passed:
+        if nonfinite:
+            causes.append("nonfinite")
+        over_finite = finite & ~(err_rows <= bound)
+        if over_finite.any():
+            keep = finite
+            sub = {k: (lambda v=v: _rows_of(v, keep)) for k, v in variants.items()}
+            for c in match_variants(got[keep], truth[keep], sub, max_row_distance(scale[keep])):
+                if c not in causes:
+                    causes.append(c)
+            if t is not None and not any(c not in ("nonfinite",) for c in causes[len(extra_causes):]):
+                tt = np.broadcast_to(np.asarray(t, dtype=np.float64), (n,))
+                if localised_near_one(err_rows[keep], tt[keep], bound[keep]):
+                    causes.append("precision_near_t1")
+    return PropertyResult(name, compared, error, tol if judged else None, passed, causes, details, note)
+
+
+def _rows_of(value, keep):
+    v = value() if callable(value) else value
+    return np.asarray(v)[keep]
+
+
+def inputs_property(caller) -> PropertyResult:
+    """The ``inputs`` property: fails, with the cause ``modified_inputs``, when a call changed its arguments."""
+    modified = sorted(caller.modified)
+    return PropertyResult(
+        "inputs", "the implementation left the arrays it was given unchanged (refflow judged it on its own copy)",
+        float(len(modified)), 0.0, not modified, ["modified_inputs"] if modified else [],
+        {"modified": modified})
