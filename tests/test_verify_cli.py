@@ -56,7 +56,7 @@ def test_verify_writes_report_schema(tmp_path):
     assert code == 0
     doc = json.loads((out / "report.json").read_text())
     assert json.loads(extra.read_text()) == doc
-    assert len(doc["checks"]) == 3
+    assert len(doc["checks"]) == 5  # paths.* : three identity checks, the density, the refusals
     for check in doc["checks"]:
         for key in ("name", "equations", "passed", "error", "tolerance", "seconds"):
             assert key in check
