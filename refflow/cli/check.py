@@ -2,14 +2,22 @@
 
 ``refflow check --kind KIND --impl package.module:function --case NAME``
 checks a user's implementation (:mod:`refflow.validate`) and prints the
-table; ``refflow check --list`` prints the catalog.  Exit status: 0 when every property passes, 1 when
-one fails, 2 for a usage error (bad ``--impl``, unknown case, wrong output
-shape from the implementation, an exception raised by it, ...).
+table; ``refflow check --list`` prints the catalog.  Exit status: 0 when every
+property passes, 1 when one fails or the implementation itself fails (it
+raised, returned a wrong shape or type, exited, crashed, or ran past
+``--timeout``: one line ``FAILED: <why>`` on stdout), 2 for a usage error
+(bad ``--impl``, unknown case, bad option value, an unwritable ``--json``
+path: one line on stderr).  The command never exits 0 without printing its
+verdict.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+
+from refflow.cli._common import (EXIT_INTERRUPTED, UsageError, check_float, check_int, check_output_file,
+                                 one_line, option, refuse_unless, resolve)
 
 __all__ = ["register", "cmd_check", "catalog_table"]
 
@@ -24,21 +32,25 @@ def register(sub) -> None:
         description="Check an implementation against closed-form ground truth on a catalog case; "
                     "prints one row per property with its error, tolerance, result and likely cause.",
     )
-    p.add_argument("--list", action="store_true", help="list the catalog of cases and exit")
-    p.add_argument("--kind", choices=_KINDS, help="what the implementation computes")
-    p.add_argument("--impl", help="'package.module:function' or 'file.py:function' (cwd is importable)")
-    p.add_argument("--case", help="catalog case, e.g. eight-gaussians/ot/sigma_min=0/d=2")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON here")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="replace the headline tolerance (field: relative L2 error of a trained model; "
-                        "sampler: family-wise false-alarm rate)")
-    p.add_argument("--seed", type=int, default=0, help="seed of refflow's draws and of the sampler (default 0)")
-    p.add_argument("--n", type=int, default=None, help="number of test rows / samples (default per kind)")
-    p.add_argument("--batch-size", type=int, default=None, help="call the implementation on at most this many rows")
-    p.add_argument("--convention", choices=("auto", "notes", "flow_matching"), default="auto",
-                   help="guided: the weighting the implementation claims (default: detect)")
-    p.add_argument("--conditional", action="store_true", default=None,
-                   help="field: pass labels y as a third argument (default: when the function takes three)")
+    option(p, "--list", action="store_true", help="list the catalog of cases and exit")
+    option(p, "--kind", choices=_KINDS, help="what the implementation computes (required unless --list)")
+    option(p, "--impl", help="'package.module:function' or 'file.py:function' (cwd is importable) "
+                             "(required unless --list)")
+    option(p, "--case", help="catalog case, e.g. eight-gaussians/ot/sigma_min=0/d=2 (required unless --list)")
+    option(p, "--json", default=None, metavar="PATH", help="also write the report as JSON here")
+    option(p, "--threshold", type=float, default=None,
+           help="replace the headline tolerance (field: relative L2 error of a trained model; "
+                "sampler: family-wise false-alarm rate) (none: the kind's own)")
+    option(p, "--seed", type=int, default=0, help="seed of refflow's draws and of the sampler")
+    option(p, "--n", type=int, default=None, help="number of test rows / samples (none: per kind)")
+    option(p, "--batch-size", type=int, default=None,
+           help="call the implementation on at most this many rows (none: all at once)")
+    option(p, "--convention", choices=("auto", "notes", "flow_matching"), default="auto",
+           help="guided: the weighting the implementation claims (auto: detect)")
+    option(p, "--conditional", action="store_true",
+           help="field: pass labels y as a third argument (when off: when the function takes three)")
+    option(p, "--timeout", type=float, default=600.0,
+           help="seconds the implementation may run, in a child process (0: no limit, in this process)")
     p.set_defaults(func=cmd_check)
 
 
@@ -54,17 +66,39 @@ def catalog_table() -> str:
 
 
 def _usage_error(message: str) -> int:
-    print(f"refflow check: error: {message}", file=sys.stderr)
+    print(f"refflow check: error: {one_line(message)}", file=sys.stderr)
     return 2
 
 
 def cmd_check(args) -> int:
+    """Handler of ``refflow check``: 0 passed, 1 failed (or the implementation failed), 2 usage error."""
+    try:
+        return _run(args)
+    except UsageError as exc:
+        return _usage_error(str(exc))
+    except KeyboardInterrupt:
+        print("refflow check: interrupted; nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args) -> int:
+    given = resolve(args)
     if args.list:
+        for dest in given:
+            refuse_unless(given, dest, dest == "list", "does not apply with --list")
         print(catalog_table())
         return 0
     missing = [f"--{name}" for name in ("kind", "impl", "case") if getattr(args, name) is None]
     if missing:
         return _usage_error(f"{', '.join(missing)} required (or --list)")
+    check_output_file("--json", args.json)
+    check_float("--timeout", args.timeout, 0.0)
+    check_int("--n", args.n, 1)
+    check_int("--batch-size", args.batch_size, 1)
+    check_int("--seed", args.seed, 0)
+    refuse_unless(given, "convention", args.kind == "guided", "applies only to --kind guided")
+    refuse_unless(given, "conditional", args.kind == "field", "applies only to --kind field")
+    refuse_unless(given, "batch_size", args.kind != "sampler", "does not apply to --kind sampler")
     # like `python -m`, make modules in the current folder importable by --impl
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -73,15 +107,24 @@ def cmd_check(args) -> int:
     options = {}
     if args.n is not None:
         options["n"] = args.n
-    if args.batch_size is not None and args.kind != "sampler":
+    if args.batch_size is not None:
         options["batch_size"] = args.batch_size
     if args.kind == "guided":
         options["convention"] = args.convention
     if args.kind == "field" and args.conditional:
         options["conditional"] = True
+    if "timeout" in inspect.signature(check).parameters:
+        options["timeout"] = args.timeout if args.timeout > 0 else None
     try:
         report = check(args.kind, args.impl, args.case, threshold=args.threshold, seed=args.seed, **options)
-    except (ValueError, TypeError, ImplementationError) as exc:
+    except ImplementationError as exc:
+        # The implementation's failure, not the user's usage: a verdict, exit 1.
+        print(f"FAILED: {one_line(exc)}")
+        return 1
+    except SystemExit as exc:  # the implementation called sys.exit in this process (--timeout 0)
+        print(f"FAILED: impl: the implementation called sys.exit({exc.code!r})")
+        return 1
+    except (ValueError, TypeError) as exc:
         return _usage_error(str(exc))
     print(report.table())
     if args.json:

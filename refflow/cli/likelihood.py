@@ -8,26 +8,27 @@ r"""``refflow likelihood``: log-likelihood of points under a trained model (eq 1
 Reads a checkpoint written by :func:`refflow.train.save_checkpoint`, evaluates
 :math:`\log p_1(x_1) = \log p_0(x_0) - \int_0^1 \nabla\cdot u_\theta(t, x_t)\,dt`
 at the points by :func:`refflow.cnf.log_prob`, and writes ``log_p`` (n,) and
-``x_0`` (n, d) (and ``log_p_stderr`` for Hutchinson) to an ``.npz``.  Outputs
-are written to a temporary file and renamed, so an interrupted run leaves no
-partly written file.  ``--plot`` draws :math:`\log p_1` of the model on a grid
+``x_0`` (n, d) (and ``log_p_stderr`` for Hutchinson) to an ``.npz``.  The
+points are integrated in batches of ``--batch-size``, so the solver's working
+memory does not grow with their number (an adaptive method chooses its steps
+per batch, each within ``--rtol``/``--atol``; Hutchinson's probes are drawn
+batch by batch from ``--seed``).  The outputs are written to temporary files
+and renamed together, so an interrupted or failed run leaves none behind.
+``--points`` is an ``.npz`` (one array, or one named ``points``, ``x`` or
+``x_1``) or an ``.npy``.  ``--plot`` draws :math:`\log p_1` of the model on a grid
 beside the closed-form density of the training target when the checkpoint
 names a preset target.
 """
 from __future__ import annotations
 
-import os
-import sys
+import io
 
 import numpy as np
 
-from refflow._io import atomic_savez
+from refflow.cli._common import (UsageError, check_float, check_input_file, check_int, check_output_file,
+                                 default_batch_size, guarded, option, progress, refuse_unless, resolve)
 
 __all__ = ["register", "cmd_likelihood"]
-
-
-class _UsageError(Exception):
-    """A problem with the command's inputs, reported in one line with exit status 2."""
 
 
 def register(sub) -> None:
@@ -39,47 +40,60 @@ def register(sub) -> None:
         "likelihood",
         help="log-likelihood of points under a trained model (CNF, eq 14)",
         description="Evaluate log p_1(x_1) = log p_0(x_0) - int_0^1 div u(t, x_t) dt (eq 14) of a "
-        "trained model at the given points.",
+        "trained model at the given points, in batches of bounded memory.",
     )
-    p.add_argument("model", help="checkpoint .npz written by refflow training")
-    p.add_argument("--points", required=True, help=".npz holding one (n, d) array of points")
-    p.add_argument("--out", required=True, help="output .npz: log_p (n,), x_0 (n, d)")
-    p.add_argument("--method", default="DOP853", help=f"ODE method, one of {', '.join(METHODS)} (default DOP853)")
-    p.add_argument("--n-steps", type=int, default=100, help="steps of a fixed-step method (default 100)")
-    p.add_argument("--rtol", type=float, default=1e-7, help="relative tolerance of an adaptive method")
-    p.add_argument("--atol", type=float, default=1e-9, help="absolute tolerance of an adaptive method")
-    p.add_argument("--divergence", choices=("exact", "hutchinson"), default="exact",
-                   help="exact Jacobian trace (default) or Hutchinson's estimator")
-    p.add_argument("--n-probes", type=int, default=None, help="Hutchinson probes per point (default 8)")
-    p.add_argument("--probe", choices=PROBES, default="rademacher", help="Hutchinson probe distribution")
-    p.add_argument("--seed", type=int, default=0, help="seed of the Hutchinson probes (default 0)")
-    p.add_argument("--label", type=int, default=None,
-                   help="class label for a class-conditional model (default: the null prompt)")
-    p.add_argument("--plot", default=None, help="write a heat map of log p on a 2-D grid to this .png")
-    p.add_argument("--grid", type=int, default=64, help="grid points per axis of --plot (default 64)")
+    p.add_argument("model", help="checkpoint .npz written by refflow training (required)")
+    p.add_argument("--points", required=True, help=".npz holding one (n, d) array of points, or an .npy (required)")
+    p.add_argument("--out", required=True, help="output .npz: log_p (n,), x_0 (n, d) (required)")
+    option(p, "--method", default="DOP853", help=f"ODE method, one of {', '.join(METHODS)}")
+    option(p, "--n-steps", type=int, default=100, help="steps of a fixed-step method")
+    option(p, "--rtol", type=float, default=1e-7, help="relative tolerance of an adaptive method")
+    option(p, "--atol", type=float, default=1e-9, help="absolute tolerance of an adaptive method")
+    option(p, "--divergence", choices=("exact", "hutchinson"), default="exact",
+           help="exact Jacobian trace or Hutchinson's estimator")
+    option(p, "--n-probes", type=int, default=8, help="Hutchinson probes per point")
+    option(p, "--probe", choices=PROBES, default="rademacher", help="Hutchinson probe distribution")
+    option(p, "--seed", type=int, default=0, help="seed of the Hutchinson probes")
+    option(p, "--batch-size", type=int, default=None,
+           help="points integrated together (none: sized to the available memory)")
+    option(p, "--label", type=int, default=None,
+           help="class label for a class-conditional model (none: the null prompt)")
+    option(p, "--plot", default=None, help="write a heat map of log p on a 2-D grid to this .png")
+    option(p, "--grid", type=int, default=64, help="grid points per axis of --plot")
+    option(p, "--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_likelihood)
 
 
 def _load_points(file) -> np.ndarray:
-    if not os.path.isfile(file):
-        raise _UsageError(f"--points: {file!r} does not exist")
+    check_input_file("--points", file)
     try:
-        with np.load(file, allow_pickle=False) as data:
-            if isinstance(data, np.ndarray):  # an .npy file
-                return data.copy()
-            keys = list(data.keys())
+        data = np.load(file, allow_pickle=False)
+    except Exception as exc:
+        raise UsageError(f"--points: {file!r} is not a readable .npz or .npy file ({type(exc).__name__}: "
+                         f"{exc})") from None
+    if isinstance(data, np.ndarray):  # an .npy file
+        return data
+    with data:
+        keys = list(data.keys())
+        try:
             if len(keys) == 1:
                 return data[keys[0]]
             for key in ("points", "x", "x_1"):
                 if key in keys:
                     return data[key]
-    except _UsageError:
-        raise
-    except Exception as exc:
-        raise _UsageError(f"--points: {file!r} is not a readable .npz file ({exc})") from None
-    raise _UsageError(
+        except Exception as exc:
+            raise UsageError(f"--points: {file!r} holds an unreadable array ({type(exc).__name__}: {exc})") from None
+    raise UsageError(
         f"--points: expected an .npz holding one (n, d) array (or one named 'points'), got arrays {keys}"
     )
+
+
+def bytes_per_point(model, method_fixed: bool) -> int:
+    """A generous estimate of one point's working memory in the augmented ODE (eq 13)."""
+    per_eval = 8 * (model.dim + 1) * (sum(model.hidden) + model.dim) * 6
+    # An adaptive scipy method keeps its stages (13 for DOP853) of the (d + 1)-state and more.
+    solver = 0 if method_fixed else 8 * (model.dim + 1) * 64
+    return per_eval + solver
 
 
 def _solve(field, x, args, rng):
@@ -93,44 +107,77 @@ def _solve(field, x, args, rng):
     )
 
 
-def cmd_likelihood(args) -> int:
-    """Handler of ``refflow likelihood``; returns the exit status (0 ok, 2 bad input)."""
+def _solve_batched(field, x, args, rng, batch, label):
+    """``log p`` of ``x`` batch by batch: returns ``(log_p, x_0, stderr or None, nfe, method)``."""
+    n = x.shape[0]
+    log_p, x_0 = np.empty(n), np.empty_like(x)
+    stderr = np.empty(n) if args.divergence == "hutchinson" else None
+    nfe, method = 0, args.method
+    bar = progress(n, label, "points", args.quiet)
     try:
-        return _run(args)
-    except (_UsageError, ValueError, TypeError) as exc:
-        print(f"refflow likelihood: error: {exc}", file=sys.stderr)
-        return 2
+        for lo in range(0, n, batch):
+            hi = min(lo + batch, n)
+            res = _solve(field, x[lo:hi], args, rng)
+            log_p[lo:hi], x_0[lo:hi] = res.log_p, res.x_0
+            if stderr is not None:
+                stderr[lo:hi] = res.log_p_stderr
+            nfe, method = nfe + res.nfe, res.method
+            if bar is not None:
+                bar.update(hi)
+    finally:
+        if bar is not None:
+            bar.close()
+    return log_p, x_0, stderr, nfe, method
 
 
-def _run(args) -> int:
+@guarded("likelihood")
+def cmd_likelihood(args) -> int:
+    """Handler of ``refflow likelihood``; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     from refflow import cnf
+    from refflow._io import atomic_write_many
+    from refflow.cli.sample import fixed_step
     from refflow.train import load_checkpoint
 
-    if args.n_probes is not None and args.divergence != "hutchinson":
-        raise _UsageError("--n-probes: only used with --divergence hutchinson")
-    if args.plot is not None and not args.plot.lower().endswith(".png"):
-        raise _UsageError(f"--plot: expected a .png file name, got {args.plot!r}")
-    if args.grid < 2:
-        raise _UsageError(f"--grid: expected at least 2 points per axis, got {args.grid}")
-    # Output folders are checked before any work is done.
-    for option, file in (("--out", args.out), ("--plot", args.plot)):
-        if file is not None and not os.path.isdir(os.path.dirname(os.path.abspath(file))):
-            raise _UsageError(f"{option}: folder {os.path.dirname(os.path.abspath(file))!r} does not exist")
+    given = resolve(args)
+    check_input_file("model", args.model)
+    check_output_file("--out", args.out)
+    check_output_file("--plot", args.plot, suffix=".png")
+    fixed = fixed_step(args.method)
+    refuse_unless(given, "n_probes", args.divergence == "hutchinson", "applies only with --divergence hutchinson")
+    refuse_unless(given, "probe", args.divergence == "hutchinson", "applies only with --divergence hutchinson")
+    refuse_unless(given, "seed", args.divergence == "hutchinson", "applies only with --divergence hutchinson")
+    refuse_unless(given, "n_steps", fixed, f"applies only to a fixed-step method, not --method {args.method}")
+    for dest in ("rtol", "atol"):
+        refuse_unless(given, dest, not fixed, f"applies only to an adaptive method, not --method {args.method}")
+    refuse_unless(given, "grid", args.plot is not None, "applies only with --plot")
+    check_int("--n-steps", args.n_steps, 1)
+    check_int("--n-probes", args.n_probes, 1)
+    check_int("--seed", args.seed, 0)
+    check_int("--batch-size", args.batch_size, 1)
+    check_int("--grid", args.grid, 2)
+    check_float("--rtol", args.rtol, 0.0, low_open=True)
+    check_float("--atol", args.atol, 0.0, low_open=True)
+
     model, path, state, extra = load_checkpoint(args.model)
     points = _load_points(args.points)
     x_1 = _check_points_arg(points, model.dim)
+    if args.label is not None and not (model.n_classes and -1 <= args.label < model.n_classes):
+        raise UsageError(f"--label: expected a class of a conditional model in [-1, {(model.n_classes or 0) - 1}], "
+                         f"got {args.label}")
     field = cnf.mlp_field(model, state.final_params, args.label)
     rng = np.random.default_rng(args.seed)
-    res = _solve(field, x_1, args, rng)
-    out = {"log_p": res.log_p, "x_0": res.x_0}
-    if res.log_p_stderr is not None:
-        out["log_p_stderr"] = res.log_p_stderr
-    # The plot first: a failure there must not leave a half-finished set of outputs.
+    batch = args.batch_size or default_batch_size(bytes_per_point(model, fixed))
+    log_p, x_0, stderr, nfe, method = _solve_batched(field, x_1, args, rng, batch, "likelihood")
+    out = {"log_p": log_p, "x_0": x_0}
+    if stderr is not None:
+        out["log_p_stderr"] = stderr
+    outputs = {args.out: lambda fh: np.savez(fh, **out)}
     if args.plot is not None:
-        _plot(args, model, path, field, extra, x_1, rng)
-    atomic_savez(args.out, **out)
-    print(f"log p of {x_1.shape[0]} points: mean {res.log_p.mean():.6g} ({res.divergence} divergence, "
-          f"{res.method}, {res.nfe} evaluations); written to {args.out}")
+        png = _plot(args, model, path, field, extra, x_1, rng, batch)
+        outputs[args.plot] = lambda fh: fh.write(png)
+    atomic_write_many(outputs)  # the values and the plot appear together or not at all
+    print(f"log p of {x_1.shape[0]} points: mean {log_p.mean():.6g} ({args.divergence} divergence, "
+          f"{method}, {nfe} evaluations); written to {args.out}" + (f" and {args.plot}" if args.plot else ""))
     return 0
 
 
@@ -140,22 +187,21 @@ def _check_points_arg(points, d):
     try:
         return check_points(points, "points", d)
     except (TypeError, ValueError) as exc:
-        raise _UsageError(f"--points: {exc}") from None
+        raise UsageError(f"--points: {exc}") from None
 
 
-def _plot(args, model, path, field, extra, x_1, rng):
+def _plot(args, model, path, field, extra, x_1, rng, batch) -> bytes:
     if model.dim != 2:
-        raise _UsageError(f"--plot: needs a 2-D model, this one has d = {model.dim}")
+        raise UsageError(f"--plot: needs a 2-D model, this one has d = {model.dim}")
+    import matplotlib.pyplot as plt
+
     from refflow import targets
-    from refflow.plotting import plot_log_density_panels, save_figure
+    from refflow.plotting import plot_log_density_panels
 
     target = None
     name = extra.get("target") if isinstance(extra, dict) else None
-    if isinstance(name, str):
-        try:
-            target = targets.make_target(name)
-        except ValueError:
-            target = None  # not a preset: plot the model alone
+    if isinstance(name, str) and name in targets.TARGETS:
+        target = targets.make_target(name)
     # The grid covers the points and, when known, the target's components.
     cover = x_1 if target is None else np.concatenate([x_1, target.means])
     lo, hi = cover.min(axis=0), cover.max(axis=0)
@@ -164,10 +210,16 @@ def _plot(args, model, path, field, extra, x_1, rng):
     gy = np.linspace(lo[1] - pad[1], hi[1] + pad[1], args.grid)
     X, Y = np.meshgrid(gx, gy)
     grid = np.stack([X.ravel(), Y.ravel()], axis=1)
-    log_p = _solve(field, grid, args, rng).log_p.reshape(X.shape)
+    log_p = _solve_batched(field, grid, args, rng, batch, "plot grid")[0].reshape(X.shape)
 
     panels = [("model log p_1 (eq 14)", log_p)]
     if target is not None:
         truth = target.marginal(path).log_prob(grid, 1.0).reshape(X.shape)
         panels.append((f"closed form log p_1 ({name})", truth))
-    save_figure(plot_log_density_panels(X, Y, panels), args.plot)
+    fig = plot_log_density_panels(X, Y, panels)
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
