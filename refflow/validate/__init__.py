@@ -80,6 +80,7 @@ from __future__ import annotations
 from refflow.stats import energy_distance_test
 from refflow.validate.calling import ImplementationError, load_impl, run_isolated
 from refflow.validate.catalog import Case, catalog, get_case, require_kind
+from refflow.validate.cases import bind_case, load_case_file, make_case
 from refflow.validate.causes import CAUSES
 from refflow.validate.errors import row_error
 from refflow.validate.field import check_field
@@ -98,6 +99,9 @@ __all__ = [
     "Case",
     "catalog",
     "get_case",
+    "make_case",
+    "load_case_file",
+    "bind_case",
     "load_impl",
     "PropertyResult",
     "CheckReport",
@@ -162,6 +166,7 @@ def check(kind: str, impl, case, *, threshold=None, seed=0, timeout=None, **opti
         raise ValueError(f"kind: expected one of {list(KINDS)}, got {kind!r}")
     case = get_case(case)
     require_kind(case, kind)
+    impl = bind_case(impl, case)  # an implementation with a `case` parameter receives the Case
     if timeout is not None:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"timeout: expected a positive number of seconds or None, got {timeout!r}")

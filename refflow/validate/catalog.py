@@ -28,6 +28,16 @@ from refflow.targets import (
     two_moons,
 )
 
+
+def torchcfm_eight_gaussians() -> GaussianMixture:
+    """TorchCFM's ``sample_8gaussians`` as a mixture: radius 5, per-coordinate variance sqrt(0.1).
+
+    ``torchcfm.utils.eight_normal_sample(n, 2, scale=5, var=0.1)`` draws its
+    noise from ``MultivariateNormal(0, sqrt(var) * I)``, whose *covariance*
+    is sqrt(0.1) I (standard deviation 0.1**0.25 = 0.562), not 0.1 I.
+    """
+    return eight_gaussians(radius=5.0, std=0.1**0.25)
+
 __all__ = ["Case", "catalog", "get_case", "require_kind"]
 
 # The seed of the random mixture targets of the catalog (part of their definition).
@@ -41,6 +51,8 @@ def _build_target(name: str, dim: int) -> GaussianMixture:
         return two_moons()
     if name == "checkerboard":
         return checkerboard()
+    if name == "torchcfm-8gaussians":
+        return torchcfm_eight_gaussians()
     if name == "mixture":
         return random_mixture(dim, 6, _MIXTURE_SEED + dim, n_classes=3)
     raise ValueError(f"target: unknown catalog target {name!r}")
@@ -162,6 +174,26 @@ class Case:
             "kinds": list(self.kinds),
         }
 
+    # The case handed to users and other languages (refflow.validate.cases).
+    def parameters(self) -> dict:
+        """The target's ``weights``, ``means``, ``covariances`` (full) and ``labels`` as arrays."""
+        from refflow.validate.cases import case_parameters
+        return case_parameters(self)
+
+    def sample_data(self, n: int, rng):
+        """``n`` training points drawn from the target :math:`q_1`, shape ``(n, d)``."""
+        return self.target.sample(n, rng)
+
+    def to_json(self) -> dict:
+        """The case as a JSON-able dict (target parameters, path and schedule); see :func:`~refflow.validate.cases.case_to_dict`."""
+        from refflow.validate.cases import case_to_dict
+        return case_to_dict(self)
+
+    def save_npz(self, file) -> None:
+        """Write the case as ``.npz`` (arrays for other languages); see :func:`~refflow.validate.cases.save_case_npz`."""
+        from refflow.validate.cases import save_case_npz
+        save_case_npz(self, file)
+
 
 _CATALOG_SPECS = (
     ("eight-gaussians", "ot", 0.0, 2),
@@ -174,6 +206,7 @@ _CATALOG_SPECS = (
     ("two-moons", "ot", 0.0, 2),
     ("two-moons", "vp", 0.0, 2),
     ("checkerboard", "ot", 0.0, 2),
+    ("torchcfm-8gaussians", "ot", 0.0, 2),
     ("mixture", "ot", 0.0, 5),
     ("mixture", "ot", 0.05, 5),
     ("mixture", "vp", 0.0, 5),
