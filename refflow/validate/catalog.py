@@ -19,6 +19,7 @@ from refflow.paths import (
     VEPath,
     VPPath,
 )
+from refflow.interpolants import Interpolant, make_interpolant
 from refflow.targets import (
     GaussianMixture,
     MixtureMarginal,
@@ -38,7 +39,7 @@ def torchcfm_eight_gaussians() -> GaussianMixture:
     """
     return eight_gaussians(radius=5.0, std=0.1**0.25)
 
-__all__ = ["Case", "catalog", "get_case", "require_kind"]
+__all__ = ["Case", "catalog", "interpolant_catalog", "get_case", "require_kind"]
 
 # The seed of the random mixture targets of the catalog (part of their definition).
 _MIXTURE_SEED = 20240701
@@ -71,6 +72,9 @@ def _build_path(name: str, sigma_min: float) -> AffinePath:
         return PolynomialPath(2.0)
     if name == "linear-vp":
         return LinearVPPath()
+    for family in ("icfm", "sb"):  # two-sided interpolants, e.g. "icfm-sigma=0.1"
+        if name.startswith(family + "-sigma="):
+            return make_interpolant(family, float(name[len(family) + len("-sigma="):]))
     raise ValueError(f"path: unknown catalog path {name!r}")
 
 
@@ -122,6 +126,8 @@ class Case:
     @functools.cached_property
     def marginal(self) -> MixtureMarginal:
         """The closed-form marginal path and field (eq 16, 19)."""
+        if isinstance(self.path, Interpolant):  # its marginal is that of an affine path
+            return self.path.marginal(self.target)
         return self.target.marginal(self.path)
 
     @property
@@ -153,7 +159,10 @@ class Case:
         the VP path only approximately at :math:`\\mathcal N(0, I)`
         (:math:`\\alpha_0 = e^{-T(1)/2} \\approx 0.0066`), so a flow started
         from :math:`\\mathcal N(0, I)` does not end exactly at :math:`p_1`.
+        An interpolant case (:mod:`refflow.interpolants`) tests ``path`` and ``coupling``.
         """
+        if isinstance(self.path, Interpolant):
+            return ("path", "coupling")
         kinds = ["path", "field"]
         if self.source_is_standard_normal:
             kinds += ["loglik", "sampler"]
@@ -215,6 +224,22 @@ _CATALOG_SPECS = (
 
 _CATALOG = {case.name: case for case in (Case(*spec) for spec in _CATALOG_SPECS)}
 
+# Two-sided interpolants (kinds path and coupling), kept out of catalog() so that the
+# golden vectors and every-kind tests of the Gaussian paths are unchanged.
+_INTERPOLANT_SPECS = (
+    ("eight-gaussians", "icfm-sigma=0.1", 0.0, 2),
+    ("eight-gaussians", "sb-sigma=0.5", 0.0, 2),
+    ("eight-gaussians", "sb-sigma=1", 0.0, 2),
+    ("mixture", "icfm-sigma=0.1", 0.0, 5),
+)
+
+_INTERPOLANTS = {case.name: case for case in (Case(*spec) for spec in _INTERPOLANT_SPECS)}
+
+
+def interpolant_catalog() -> list[Case]:
+    """The interpolant cases (:mod:`refflow.interpolants`; kinds ``path`` and ``coupling``)."""
+    return list(_INTERPOLANTS.values())
+
 
 def catalog() -> list[Case]:
     """Every case of the catalog, in a fixed order."""
@@ -229,7 +254,9 @@ def get_case(case) -> Case:
         raise TypeError(f"case: expected a catalog case name (str) or a Case, got {type(case).__name__}")
     if case in _CATALOG:
         return _CATALOG[case]
-    close = difflib.get_close_matches(case, list(_CATALOG), n=3, cutoff=0.5)
+    if case in _INTERPOLANTS:
+        return _INTERPOLANTS[case]
+    close = difflib.get_close_matches(case, list(_CATALOG) + list(_INTERPOLANTS), n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     raise ValueError(
         f"case: expected a catalog case name (see `refflow check --list`), got {case!r}{hint}"
@@ -242,7 +269,9 @@ def require_kind(case: Case, kind: str) -> None:
     """Refuse a kind that ``case`` cannot test, saying why."""
     if kind not in case.kinds:
         why = ("loglik and sampler need p_0 = N(0, I) exactly, which the VE and VP paths do not give"
-               if kind in ("loglik", "sampler") else "guided needs a target with class labels")
+               if kind in ("loglik", "sampler") else "guided needs a target with class labels"
+               if kind == "guided" else "coupling is tested on the interpolant cases (interpolant_catalog())"
+               if kind == "coupling" else "an interpolant case tests only path and coupling")
         raise ValueError(
             f"case: {case.name!r} does not support kind {kind!r} (its kinds: {', '.join(case.kinds)}); {why}"
         )

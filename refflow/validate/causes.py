@@ -84,6 +84,17 @@ CAUSES = {
                              "than the ODE error allows (a probe without E[eps eps^T] = I, e.g. uniform(-1, 1))",
     "noise_redrawn": "u_t does not belong to the returned x_t: the noise was redrawn between x_t and u_t "
                      "(or the target is computed from other draws)",
+    "gamma_derivative_dropped": "gamma_t' eps missing from u_t: the target is a_t' x_0 + b_t' x_1 only, the "
+                                "derivative of the noise level dropped (matters wherever gamma_t is not constant)",
+    "noise_dropped": "the noise term gamma_t eps is missing from x_t (the sigma = 0 path)",
+    "plan_transposed": "plan transposed: pi[j, i] where pi[i, j] belongs (rows index x_0, columns x_1)",
+    "cost_unsquared": "cost unsquared: the plan is optimal for |x_0 - x_1| instead of |x_0 - x_1|^2",
+    "regularisation_scaled": "entropic regularisation scaled: the plan is the Sinkhorn solution at another "
+                             "epsilon (e.g. 2 sigma^2 vs sigma^2, or a cost normalised by its maximum)",
+    "marginals_broken": "marginals not kept: the plan's row or column sums differ from the uniform weights "
+                        "(a solver stopped early, or rows dropped/duplicated by a deterministic re-pairing)",
+    "pairs_not_from_batch": "the returned pairs are not rows of the batch refflow passed (noise added, "
+                            "or the points were transformed)",
 }
 """Keys of the likely causes a report can name, with their explanations."""
 

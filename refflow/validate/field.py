@@ -12,7 +12,15 @@ from refflow.validate.catalog import get_case
 from refflow.validate.causes import SquaredSigmaPath, SwappedPath, l2_distance, match_variants, no_sigma_min
 from refflow.validate.errors import row_scale
 from refflow.validate.judge import bound_rows, exact_property, inputs_property
-from refflow.validate.precision import SAFETY, f32_exact, special_times, spread, test_times, time_shifts
+from refflow.validate.precision import (
+    SAFETY,
+    f32_exact,
+    schedule_perturbations,
+    special_times,
+    spread,
+    test_times,
+    time_shifts,
+)
 from refflow.validate.report import CheckReport, PropertyResult
 
 __all__ = ["check_field", "field_bound", "by_label", "accepts_labels"]
@@ -125,6 +133,10 @@ def field_bound(case, x, t, y, truth, unit_roundoff: float, seed=0) -> np.ndarra
             xs[:, j] *= 1.0 + sign * step
             shifted.append(field(xs, t))
         bound += spread(truth, shifted)
+    for held in schedule_perturbations(case.path, unit_roundoff):
+        with np.errstate(all="ignore"):
+            bound += spread(truth, [by_label(y, lambda m, rows: m.target.marginal(held).velocity(x[rows], t[rows]),
+                                             case, truth.shape)])
     if isinstance(case.target, GaussianMixture):
         rng = np.random.default_rng([int(seed) if isinstance(seed, (int, np.integer)) else 0, 0xB0])
         bound += spread(truth, [field(x, t, _perturbed_target(case.target, step, rng)) for _ in range(2)])

@@ -16,7 +16,9 @@ the rounding of the terms the formula adds (for a path,
 :math:`|\sigma_t x_0| + |\alpha_t x_1|`) plus the conditioning of the quantity
 at that row, measured by evaluating refflow's reference at perturbed inputs:
 the time shifted by :math:`\pm c u` (times are handled in absolute terms:
-:math:`1 - t` loses :math:`u` absolutely), each coordinate of a point scaled
+:math:`1 - t` loses :math:`u` absolutely), for a variance-preserving path
+:math:`\alpha_t` scaled by :math:`1 \pm c u` with :math:`\sigma_t = \sqrt{1 - \alpha_t^2}`
+(how such paths are computed; :func:`schedule_perturbations`), each coordinate of a point scaled
 by :math:`1 \pm c u`, and the target's parameters (weights, means,
 covariances) perturbed by relative :math:`c u`, as a float32 implementation
 holds them.  :data:`SAFETY` is :math:`c`.
@@ -41,6 +43,8 @@ __all__ = [
     "finite_pair_velocity_at_one",
     "time_shifts",
     "spread",
+    "is_variance_preserving",
+    "schedule_perturbations",
 ]
 
 SAFETY = 16.0
@@ -113,3 +117,53 @@ def spread(reference, perturbed) -> np.ndarray:
             diff[~np.isfinite(diff)] = np.inf
             out = np.maximum(out, diff)
     return out
+
+
+class _HeldByAlpha(AffinePath):
+    r"""A variance-preserving path as an implementation holding :math:`\alpha_t` to relative ``delta`` has it.
+
+    With :math:`\alpha_t^2 + \sigma_t^2 = 1`, implementations compute
+    :math:`\sigma_t = \sqrt{1 - \alpha_t^2}` (or :math:`\sqrt{1 - e^{-T}}`): the
+    relation, not t, carries the rounding, and near :math:`\alpha_t = 1` it
+    turns a relative error :math:`\delta` of :math:`\alpha_t` into
+    :math:`\delta / \sigma_t^2` of :math:`\sigma_t`.
+    """
+
+    def __init__(self, base: AffinePath, delta: float):
+        self.base, self.delta = base, delta
+        self.name = f"{base.name}-held-by-alpha"
+
+    def _alpha(self, t):
+        return self.base._alpha(t) * (1.0 + self.delta)
+
+    def _d_alpha(self, t):
+        return self.base._d_alpha(t) * (1.0 + self.delta)
+
+    def _sigma(self, t):
+        with np.errstate(invalid="ignore"):
+            return np.sqrt(np.maximum(1.0 - self._alpha(t) ** 2, 0.0))
+
+    def _sigma_d_sigma(self, t):
+        return -self._alpha(t) * self._d_alpha(t)
+
+    def _d_sigma(self, t):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self._sigma_d_sigma(t) / self._sigma(t)
+
+
+def is_variance_preserving(path: AffinePath) -> bool:
+    """Whether :math:`\\alpha_t^2 + \\sigma_t^2 = 1` on (0, 1) (VP, linear-VP, cosine)."""
+    t = np.linspace(0.05, 0.95, 19)
+    with np.errstate(all="ignore"):
+        return bool(np.all(np.abs(path._alpha(t) ** 2 + path._sigma(t) ** 2 - 1.0) < 1e-12))
+
+
+def schedule_perturbations(path: AffinePath, unit_roundoff: float) -> list:
+    """Paths whose schedule is perturbed as a correct implementation's may be (see :class:`_HeldByAlpha`).
+
+    Empty unless the path is variance preserving.
+    """
+    if not is_variance_preserving(path):
+        return []
+    step = SAFETY * unit_roundoff
+    return [_HeldByAlpha(path, step), _HeldByAlpha(path, -step)]

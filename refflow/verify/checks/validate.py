@@ -81,8 +81,8 @@ def check_reference_passes(rng, quick):
         compared=f"refflow's own path, field (with labels), log-likelihood, sampler and guided field "
                  f"through `refflow check` on {_CASE}: worst error/tolerance over all properties",
         error=max(ratios.values()), tolerance=1.0,
-        why="each property's tolerance follows from its method (exact 1e-10, ODE 1e-6, z-tests at "
-            "family-wise rate 1e-3); the reference must meet all of them",
+        why="each property's tolerance follows from its method (exact: the rounding bound of each row, "
+            "ODE 1e-6, z-tests at family-wise rate 1e-3); the reference must meet all of them",
         control="a path whose target drops sigma_min (x_1 - x_0 with sigma_min = 0.05)",
         control_error=_worst_ratio(control),
         details={"per_kind": ratios, "control_named_cause": named},
@@ -128,4 +128,85 @@ def check_golden_reproducible(rng, quick):
                 "written an hour apart",
         control_error=float(control),
         details={"files": len(first)},
+    )
+
+
+def _rounded_path(path, dtype):
+    def impl(x_0, x_1, t):
+        return path.sample(x_0, x_1, t).astype(dtype), path.pair_velocity(x_0, x_1, t).astype(dtype)
+
+    return impl
+
+
+def _cancelling_path_float32(x_0, x_1, t):
+    # Planted: the OT target from x_t, (x_1 - x_t) / (1 - t), in float32: exact arithmetic, unstable rounding
+    x_0, x_1, t = (np.asarray(a, dtype=np.float32) for a in (x_0, x_1, t))
+    tc = np.minimum(t, np.float32(1 - 2**-23))[:, None]
+    x_t = (1 - tc) * x_0 + tc * x_1
+    return x_t, (x_1 - x_t) / (1 - tc)
+
+
+@register("validate.rounding_bounds", equations="26, 29, 35", quick=True)
+def check_rounding_bounds(rng, quick):
+    """Every catalog path rounded to float32 and float16 passes its per-row bound; an unstable formula does not."""
+    from refflow.validate import catalog
+
+    seed = int(rng.integers(2**31 - 1))
+    worst = 0.0
+    per = {}
+    for case in catalog():
+        for dtype in (np.float32, np.float16):
+            r = check("path", _rounded_path(case.path, dtype), case, seed=seed)
+            ratio = _worst_ratio(r)
+            per[f"{case.path_name}/{np.dtype(dtype).name}"] = max(per.get(f"{case.path_name}/{np.dtype(dtype).name}", 0.0), ratio)
+            worst = max(worst, ratio)
+    ot = get_case("eight-gaussians/ot/sigma_min=0/d=2")
+    control = check("path", _cancelling_path_float32, ot, seed=seed)
+    return Outcome(
+        compared="refflow's paths of every catalog case rounded to float32 and float16 at the output, "
+                 "through `refflow check --kind path`: worst row error / row bound",
+        error=worst, tolerance=1.0,
+        why="the bound is 16 unit roundoffs of the output dtype times the formula's terms plus the change "
+            "under perturbed inputs: a correctly rounded result is within one roundoff",
+        control="the OT target computed as (x_1 - x_t) / (1 - t) in float32 (exact in exact arithmetic, "
+                "error u |x| / (1 - t) near t = 1)",
+        control_error=_worst_ratio(control),
+        details={"per_path_and_dtype": per, "control_causes": control["u_t"].causes},
+    )
+
+
+@register("validate.cannot_be_fooled", equations="26, 29", quick=True)
+def check_cannot_be_fooled(rng, quick):
+    """An implementation that changes its inputs in place fails; one that draws its own noise is judged by its law."""
+    case = get_case(_CASE)
+    path = case.path
+    seed = int(rng.integers(2**31 - 1))
+
+    def own_noise(x_0, x_1, t):
+        noise = np.random.default_rng(seed + 1).standard_normal(x_0.shape)
+        return path.sample(noise, x_1, t), path.pair_velocity(noise, x_1, t)
+
+    def in_place(x_0, x_1, t):
+        x_0 *= 2.0
+        return path.sample(x_0, x_1, t), path.pair_velocity(x_0, x_1, t)
+
+    def own_noise_wrong_scale(x_0, x_1, t):
+        noise = 1.5 * np.random.default_rng(seed + 1).standard_normal(x_0.shape)
+        return path.sample(noise, x_1, t), path.pair_velocity(noise, x_1, t)
+
+    good = check("path", own_noise, case, seed=seed)
+    fooled = check("path", in_place, case, seed=seed)
+    wrong = check("path", own_noise_wrong_scale, case, seed=seed)
+    # pass: the own-noise path passes and the in-place one fails with its cause named
+    error = _worst_ratio(good) + (0.0 if (not fooled.passed and "modified_inputs" in fooled["inputs"].causes) else 2.0)
+    return Outcome(
+        compared="a correct path that draws its own noise (must pass, judged by x_t_law and u_t_given_x_t) "
+                 "and one that doubles x_0 in place (must fail with 'modified_inputs'): worst error/tolerance "
+                 "of the first, plus 2 if the second is not caught",
+        error=error, tolerance=1.0,
+        why="the reference is computed on refflow's own copy before the call; own noise is judged by a "
+            "z-test at family-wise rate 1e-3",
+        control="a path that draws its own noise with standard deviation 1.5 instead of 1",
+        control_error=_worst_ratio(wrong),
+        details={"own_noise_passed": good.passed, "in_place_causes": fooled["inputs"].causes},
     )
