@@ -299,7 +299,19 @@ class RefflowChecks(_GeneratedContent):
             md.append(f"| `{e.name}` | {e.equations} | {quick} | `refflow verify --only {e.name}` |")
             rst += [f"   * - ``{e.name}``", f"     - {e.equations}", f"     - {quick}",
                     f"     - ``refflow verify --only {e.name}``"]
-        return self.emit(md, rst)
+        out = self.emit(md, rst)
+        # Anchor each check's row (the first cell naming it) for the links of the
+        # math-to-code table: id "check-<name>", once per page.
+        names = {e.name for e in entries}
+        document = self.state.document
+        for child in out:
+            for literal in child.findall(nodes.literal):
+                name = literal.astext()
+                anchor = check_anchor(name)
+                if name in names and anchor not in document.ids:
+                    literal.parent["ids"].append(anchor)
+                    document.ids[anchor] = literal.parent
+        return out
 
 
 # -- figures drawn at build time -------------------------------------------------------
@@ -366,7 +378,61 @@ def _build_figures(app):
             fh.write("\n".join(text))
 
 
+# -- the math-to-code table: links ----------------------------------------------------------
+# docs/math-to-code.md stays a plain table that tests/test_docs.py reads (code as
+# `module:qualname`, checks as `name`); at build time each row gets links: the
+# equation to the page that states it, the code to its API entry, each check to
+# its row on the checks page (anchored there by ``RefflowChecks``).
+_EQUATION_PAGES = (
+    (range(1, 6), "normalizing-flows.md"),
+    (range(6, 11), "residual-flows.md"),
+    (range(11, 15), "likelihood.md"),
+    (range(15, 25), "flow-matching.md"),
+    (range(25, 38), "gaussian-paths.md"),
+    (range(38, 41), "guidance.md"),
+)
+_CODE_REF = re.compile(r"`(refflow[\w.]*):([\w.]+)`")
+_CHECK_REF = re.compile(r"`([a-z_0-9]+\.[a-z_0-9]+)`")
+
+
+def check_anchor(name: str) -> str:
+    return "check-" + re.sub(r"[^a-z0-9]+", "-", name.lower())
+
+
+def _equation_page(eq: str) -> str | None:
+    if eq.startswith("Figure 2"):
+        return "gaussian-paths.md"
+    if eq.startswith("Algorithm"):
+        return "training-and-sampling.md"
+    m = re.match(r"\d+", eq)
+    if m:
+        for numbers, page in _EQUATION_PAGES:
+            if int(m.group()) in numbers:
+                return page
+    return None
+
+
+def _link_math_to_code(app, docname, source):
+    if docname != "math-to-code":
+        return
+    out = []
+    for line in source[0].splitlines():
+        cells = line.strip().strip("|").split("|")
+        if line.startswith("|") and len(cells) == 4 and cells[0].strip() not in ("eq", "---"):
+            eq, says, code, checks = (c.strip() for c in cells)
+            page = _equation_page(eq)
+            eq = f"[{eq}]({page})" if page else eq
+            code = _CODE_REF.sub(lambda m: f"{{py:obj}}`{m.group(1)}:{m.group(2)} <{m.group(1)}.{m.group(2)}>`", code)
+            checks = _CHECK_REF.sub(
+                lambda m: f'<a class="check-link" href="checks.html#{check_anchor(m.group(1))}">'
+                          f"<code>{m.group(1).replace('.', '.<wbr>')}</code></a>", checks)
+            line = f"| {eq} | {says} | {code} | {checks} |"
+        out.append(line)
+    source[0] = "\n".join(out) + "\n"
+
+
 def setup(app):
+    app.connect("source-read", _link_math_to_code)
     app.connect("builder-inited", _build_figures)
     app.add_directive("optional-automodule", OptionalAutomodule)
     app.add_directive("refflow-checks", RefflowChecks)

@@ -1,6 +1,8 @@
 """refflow: a float64 reference implementation of flow matching, checked against closed-form ground truth.
 
-Equation numbers refer to the notes ``flow_matching_notes.md`` (eq 1-40).
+Equation numbers refer to the notes on flow matching (eq 1-40); each equation is
+stated, with its code, on the docs page of its part (``docs/math-to-code.md``
+links every number to its page).
 """
 # The names below are imported on first use (PEP 562), so that `import refflow`
 # (and the pytest plugin refflow.pytest_plugin, which every pytest run loads)

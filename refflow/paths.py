@@ -82,6 +82,37 @@ def _column(t, n):
     return t.reshape(n, 1)  # a CuPy array
 
 
+# -- the formulas ---------------------------------------------------------------------
+# Each public method of AffinePath validates its input and evaluates the schedule,
+# then calls one of these: the equation and nothing else.  sigma_t, alpha_t, ...
+# are scalars or (n, 1) columns that broadcast against points of shape (n, d).
+
+def _flow(x_0, x_1, sigma_t, alpha_t):
+    r"""Eq 26: :math:`\psi_t(x_0 \mid x_1) = \sigma_t x_0 + \alpha_t x_1`."""
+    return sigma_t * x_0 + alpha_t * x_1
+
+
+def _pair_velocity(x_0, x_1, d_sigma_t, d_alpha_t):
+    r"""Eq 29 (eq 35 for OT): :math:`\frac{d}{dt}\psi_t(x_0 \mid x_1) = \sigma_t' x_0 + \alpha_t' x_1`."""
+    return d_sigma_t * x_0 + d_alpha_t * x_1
+
+
+def _conditional_velocity(x, x_1, ratio_t, alpha_t, d_alpha_t):
+    r"""Eq 31: :math:`u_t(x \mid x_1) = \frac{\sigma_t'}{\sigma_t}(x - \alpha_t x_1) + \alpha_t' x_1`,
+    with ``ratio_t`` :math:`= \sigma_t' / \sigma_t`."""
+    return ratio_t * (x - alpha_t * x_1) + d_alpha_t * x_1
+
+
+def _conditional_log_prob(x, x_1, alpha_t, sigma_t, sigma_rows):
+    r"""Eq 25: :math:`\log \mathcal N(x \mid \alpha_t x_1, \sigma_t^2 I)`, one value per row.
+
+    ``sigma_t`` broadcasts against the points, ``sigma_rows`` against the
+    rows (the same values, shaped ``(n,)`` or a scalar)."""
+    d = x.shape[1]
+    r = (x - alpha_t * x_1) / sigma_t
+    return -0.5 * anp.sum(r**2, axis=1) - d * anp.log(sigma_rows) - 0.5 * d * _LOG_2PI
+
+
 class AffinePath:
     r"""Base class of the affine Gaussian paths :math:`x_t = \sigma_t x_0 + \alpha_t x_1`.
 
@@ -153,7 +184,7 @@ class AffinePath:
         x_1 = _points(x_1, "x_1", d)
         _same_rows(x_0, x_1, "x_1")
         t = _column(_time(t, n), n)
-        return _on(xp, self._sigma(t)) * x_0 + _on(xp, self._alpha(t)) * x_1
+        return _flow(x_0, x_1, sigma_t=_on(xp, self._sigma(t)), alpha_t=_on(xp, self._alpha(t)))
 
     def pair_velocity(self, x_0, x_1, t):
         r"""The conditional velocity along the flow, from the pair (eq 27–29, eq 35 for OT).
@@ -174,7 +205,7 @@ class AffinePath:
         t = _time(t, n)
         self._require_finite_d_sigma(t)
         t = _column(t, n)
-        return _on(xp, self._d_sigma(t)) * x_0 + _on(xp, self._d_alpha(t)) * x_1
+        return _pair_velocity(x_0, x_1, d_sigma_t=_on(xp, self._d_sigma(t)), d_alpha_t=_on(xp, self._d_alpha(t)))
 
     def target(self, x_0, x_1, t):
         r"""Regression target of the CFM loss (eq 36, 37): :math:`\sigma_t' x_0 + \alpha_t' x_1`.
@@ -203,8 +234,8 @@ class AffinePath:
         t = _time(t, n)
         self._require_positive_sigma(t, "conditional_velocity")
         t = _column(t, n)
-        return (_on(xp, self._d_sigma(t) / self._sigma(t)) * (x - _on(xp, self._alpha(t)) * x_1)
-                + _on(xp, self._d_alpha(t)) * x_1)
+        return _conditional_velocity(x, x_1, ratio_t=_on(xp, self._d_sigma(t) / self._sigma(t)),
+                                     alpha_t=_on(xp, self._alpha(t)), d_alpha_t=_on(xp, self._d_alpha(t)))
 
     def conditional_log_prob(self, x, x_1, t):
         r"""Log-density of the conditional path, :math:`\log \mathcal N(x \mid \alpha_t x_1, \sigma_t^2 I)` (eq 25).
@@ -219,10 +250,10 @@ class AffinePath:
         _same_rows(x, x_1, "x_1")
         t = _time(t, n)
         self._require_positive_sigma(t, "conditional_log_prob")
-        sigma = _on(xp, self._sigma(t))
+        sigma_rows = _on(xp, self._sigma(t))  # one sigma_t per row, for the normalising constant
         t = _column(t, n)
-        r = (x - _on(xp, self._alpha(t)) * x_1) / _on(xp, self._sigma(t))
-        return -0.5 * anp.sum(r**2, axis=1) - d * anp.log(sigma) - 0.5 * d * _LOG_2PI
+        return _conditional_log_prob(x, x_1, alpha_t=_on(xp, self._alpha(t)), sigma_t=_on(xp, self._sigma(t)),
+                                     sigma_rows=sigma_rows)
 
     # -- helpers -----------------------------------------------------------------
     def _require_positive_sigma(self, t, what):
