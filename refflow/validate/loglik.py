@@ -22,6 +22,9 @@ __all__ = ["check_loglik", "LOGLIK_TOL", "loglik_bound", "hutchinson_variance"]
 LOGLIK_TOL = 1e-6
 """Default tolerance of a float64 log-likelihood (an ODE solution): error relative to max(1, |log p_1|)."""
 
+LOGLIK_STEPS = 1000
+"""Steps of the ODE integration a lower-precision CNF is allowed the rounding of (see :func:`loglik_bound`)."""
+
 N_REPEATS = 16
 """Calls of a stochastic (Hutchinson) log-likelihood used to judge its mean."""
 
@@ -43,17 +46,19 @@ def loglik_bound(case, x, truth, unit_roundoff: float) -> np.ndarray:
     r"""Per-point bound on :math:`|\ell(x) - \log p_1(x)|`, in nats.
 
     The ODE error a float64 CNF makes, :data:`LOGLIK_TOL` relative to
-    :math:`\max(1, |\log p_1|)`, plus, for lower precision, the rounding of a
-    backward-stable evaluation: :math:`c u (|\log p_1(x)| + \sum_j |x_j
-    \partial_j \log p_1(x)| + d)` (the conditioning in x and the d terms of
-    :math:`\log p_0`).  For float64 the second part is negligible.
+    :math:`\max(1, |\log p_1|)`, plus, for lower precision, the rounding of
+    an integration of :data:`LOGLIK_STEPS` steps, each backward stable:
+    :math:`\sqrt{K}\, c u (|\log p_1(x)| + \sum_j |x_j \partial_j \log p_1(x)| + d)`
+    (independent roundings add like a random walk; the bracket is the
+    conditioning in x and the d terms of :math:`\log p_0`).  For float64 the
+    second part is negligible.
     """
     scale = np.maximum(np.abs(truth), 1.0)
     if unit_roundoff <= FLOAT64_ROUNDOFF:
         return LOGLIK_TOL * scale
     score = case.marginal.score(x, 1.0)
     cond = np.abs(truth) + np.sum(np.abs(x * score), axis=1) + x.shape[1]
-    return LOGLIK_TOL * scale + SAFETY * unit_roundoff * cond
+    return LOGLIK_TOL * scale + math.sqrt(LOGLIK_STEPS) * SAFETY * unit_roundoff * cond
 
 
 def hutchinson_variance(case, x, n_steps: int = 64) -> dict:
