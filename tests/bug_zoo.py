@@ -369,6 +369,28 @@ def hutchinson_loglik_per_step(x, n_steps=50, probe="rademacher"):
     return -0.5 * np.sum(x_0**2, axis=1) - 0.5 * d * np.log(2 * np.pi) + state[:, d]
 
 
+def hutchinson_loglik_per_trajectory(x, n_steps=50):
+    """RK4 CNF with a Hutchinson divergence: one Rademacher probe per trajectory, fresh on every call."""
+    eps = np.random.default_rng().choice([-1.0, 1.0], size=x.shape)
+    n, d = x.shape
+    h = 1e-5
+
+    def rhs(t, state):
+        x_t = state[:, :d]
+        jvp = (_field_and_divergence(t, x_t + h * eps)[0] - _field_and_divergence(t, x_t - h * eps)[0]) / (2 * h)
+        return np.concatenate([_field_and_divergence(t, x_t)[0], np.sum(eps * jvp, axis=1)[:, None]], axis=1)
+
+    state, dt = np.concatenate([x, np.zeros((n, 1))], axis=1), -1.0 / n_steps
+    for k in range(n_steps):
+        t = 1.0 + k * dt
+        k1 = rhs(t, state)
+        k2 = rhs(t + dt / 2, state + dt / 2 * k1)
+        k3 = rhs(t + dt / 2, state + dt / 2 * k2)
+        k4 = rhs(t + dt, state + dt * k3)
+        state = state + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return -0.5 * np.sum(state[:, :d] ** 2, axis=1) - 0.5 * d * np.log(2 * np.pi) + state[:, d]
+
+
 def bug_loglik_hutchinson_uniform_probe(x):
     """Hutchinson with a uniform(-1, 1) probe: E[eps eps^T] = I / 3, so the trace is a third too small."""
     return hutchinson_loglik_per_step(x, probe="uniform")
@@ -494,6 +516,7 @@ REFERENCES = {
     "ot_path_float16": ("path", OT, {}),
     "ot_path_own_noise": ("path", OT_MIN, {}),
     "hutchinson_loglik_per_step": ("loglik", OT, {"n": 32}),
+    "hutchinson_loglik_per_trajectory": ("loglik", OT, {"n": 32}),
     "ot_field": ("field", OT_MIN, {}),
     "ot_field_conditional": ("field", OT_MIN, {}),
     "trained_ot_field": ("field", OT_MIN, {"threshold": 1e-3}),

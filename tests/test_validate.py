@@ -465,3 +465,18 @@ def test_docs_torch_example_passes(tmp_path, monkeypatch):
     finally:
         if torch is not None:
             torch.set_num_threads(threads)
+
+
+def test_a_hutchinson_log_likelihood_is_judged_by_its_mean_and_its_variance_matches_theory():
+    import bug_zoo
+
+    report = check("loglik", bug_zoo.hutchinson_loglik_per_trajectory, bug_zoo.OT, n=32)
+    assert report.passed, report.table()
+    assert report["deterministic"].passed is None            # stochastic: not judged by repeatability
+    # one Rademacher probe per trajectory: variance 2 (||S||_F^2 - sum S_ii^2); the median over 16
+    # points of a 16-call sample variance over the theory has standard deviation ~0.12
+    ratio = report["variance"].details["median_ratio_rademacher"]
+    assert 0.5 < ratio < 2.0
+    # a probe redrawn at every step is unbiased too, with far less variance than one per trajectory
+    per_step = check("loglik", bug_zoo.hutchinson_loglik_per_step, bug_zoo.OT, n=32)
+    assert per_step.passed and per_step["variance"].details["median_ratio_rademacher"] < 0.2
