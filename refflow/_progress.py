@@ -9,7 +9,11 @@ from __future__ import annotations
 import sys
 import time
 
-__all__ = ["Progress", "format_seconds"]
+__all__ = ["Progress", "format_seconds", "nested", "nested_active"]
+
+# The line prefix of an enclosing display (a verification check) that long work inside
+# it may extend on a terminal, or None; set by :func:`nested`.
+_NESTED: list = []
 
 
 def format_seconds(seconds: float) -> str:
@@ -27,6 +31,10 @@ class Progress:
 
     def __init__(self, total: int, label: str, *, unit: str = "steps", stream=None, lines: int | None = None):
         self.total, self.label, self.unit = max(int(total), 0), label, unit
+        self.prefix = ""
+        if stream is None and _NESTED:
+            # Inside an enclosing display: redraw its line with this progress after it.
+            self.prefix, stream = _NESTED[-1]
         self.stream = sys.stderr if stream is None else stream
         self.start = time.perf_counter()
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -47,15 +55,36 @@ class Progress:
                 + (f" {note}" if note else "")
                 + f", {rate:.3g} {self.unit}/s, elapsed {format_seconds(elapsed)}, ETA {format_seconds(remaining)}")
         if self.tty:
-            self.stream.write("\r" + text + "\x1b[K")
+            self.stream.write("\r" + self.prefix + text + "\x1b[K")
             self._open = True
-        else:
+        elif not self.prefix:
             self.stream.write(text + "\n")
         self.stream.flush()
 
     def close(self) -> None:
-        """End the line on a terminal."""
+        """End the line on a terminal (or give the enclosing display its line back)."""
         if self._open:
-            self.stream.write("\n")
+            self.stream.write("\r" + self.prefix + "\x1b[K" if self.prefix else "\n")
             self._open = False
         self.stream.flush()
+
+
+def nested_active() -> bool:
+    """Whether an enclosing display (see :func:`nested`) asks long work to show its progress."""
+    return bool(_NESTED)
+
+
+class nested:
+    """``with nested(prefix, stream):`` long work inside (a training) shows its progress after
+    ``prefix`` on the same terminal line; in a log (not a terminal) it stays silent."""
+
+    def __init__(self, prefix: str, stream=None):
+        self.entry = (prefix, sys.stderr if stream is None else stream)
+
+    def __enter__(self):
+        _NESTED.append(self.entry)
+        return self
+
+    def __exit__(self, *exc):
+        _NESTED.remove(self.entry)
+        return False

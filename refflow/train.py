@@ -114,8 +114,8 @@ def make_sampler(target):
 
 def train(model, target, path: AffinePath, *, steps: int, batch_size: int = 256, lr: float = 1e-3,
           rng=None, params=None, ema_decay: float | None = None, label_dropout: float = 0.0,
-          resume: TrainState | None = None, progress: bool = False, on_step=None,
-          backend: str = "numpy") -> TrainState:
+          resume: TrainState | None = None, progress: bool | None = None, on_step=None,
+          backend: str = "numpy", coupling=None) -> TrainState:
     r"""Train ``model`` by Algorithm 1 of the notes (CFM, eq 36–38) with Adam.
 
     Parameters
@@ -141,8 +141,10 @@ def train(model, target, path: AffinePath, *, steps: int, batch_size: int = 256,
         Probability of replacing a prompt by the null prompt -1.
     resume : TrainState, optional
         Continue from this state (e.g. from :func:`load_checkpoint`).
-    progress : bool
-        Show a progress line with the running loss on stderr.
+    progress : bool, optional
+        Show a progress line with the running loss, rate and ETA on stderr.
+        None (default): only inside an enclosing display, such as a check of
+        ``refflow verify`` on a terminal (:func:`refflow._progress.nested`).
     on_step : callable, optional
         Called as ``on_step(state)`` after every step.
     backend : {"numpy", "cupy"}
@@ -155,6 +157,13 @@ def train(model, target, path: AffinePath, *, steps: int, batch_size: int = 256,
         accepts a CuPy generator).  ``state.params`` is then a CuPy array
         (:func:`refflow.backend.to_host` brings it back); checkpoints need
         host arrays.
+
+    coupling : {None, "exact"} or callable, optional
+        Re-pair every batch before the loss: ``"exact"`` by the minibatch
+        OT permutation (OT-CFM, :func:`refflow.couplings.ot_pairing`), or a
+        callable ``coupling(x_0, x_1, rng) -> j`` giving the row of ``x_1``
+        for each row of ``x_0``.  None: the independent coupling.  Not stored
+        in checkpoints (pass it again on resume).
 
     Returns
     -------
@@ -199,7 +208,13 @@ def train(model, target, path: AffinePath, *, steps: int, batch_size: int = 256,
                            ema_params=None if ema_decay is None else params.copy(), ema_decay=ema_decay)
 
     loss_and_grad = _loss_and_grad(model, path)
+    if coupling is not None:
+        loss_and_grad = _coupled(loss_and_grad, coupling, state)
     d = model.dim
+    if progress is None:
+        from refflow._progress import nested_active
+
+        progress = nested_active()
     bar = _Progress(steps) if progress else None
     try:
         with _deferred_interrupt() as interrupted:
@@ -237,6 +252,22 @@ def _run_steps(steps, state, sampler, loss_and_grad, d, batch_size, conditional,
             on_step(state)
         if interrupted():
             raise TrainingInterrupted(state)
+
+
+def _coupled(loss_and_grad, coupling, state):
+    """``loss_and_grad`` on the batch re-paired by ``coupling`` (labels follow their x_1)."""
+    from refflow.couplings import ot_pairing
+
+    if coupling == "exact":
+        coupling = lambda x_0, x_1, rng: ot_pairing(x_0, x_1, "exact")  # noqa: E731
+    elif not callable(coupling):
+        raise ValueError(f"coupling: expected None, 'exact' or a callable (x_0, x_1, rng) -> j, got {coupling!r}")
+
+    def coupled(params, x_0, x_1, t, y):
+        j = coupling(x_0, x_1, state.rng)
+        return loss_and_grad(params, x_0, x_1[j], t, None if y is None else y[j])
+
+    return coupled
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -16,18 +16,24 @@ __all__ = ["register", "cmd_verify"]
 
 
 def _progress(stream):
-    """The progress callback of :func:`refflow.verify.registry.run_checks`: one line per check, with an ETA."""
-    from refflow._progress import format_seconds
+    """The progress callback of :func:`refflow.verify.registry.run_checks`: one line per check,
+    with an ETA; on a terminal a training inside a check shows its own progress on that line."""
+    from refflow._progress import format_seconds, nested
 
     start = time.perf_counter()
+    inner = []
 
     def show(i, total, entry, result):
         if result is None:
             elapsed = time.perf_counter() - start
             eta = f", ETA {format_seconds(elapsed / i * (total - i))}" if i else ""
-            stream.write(f"[{i + 1}/{total}{eta}] {entry.name} (eq {entry.equations}) ... ")
+            line = f"[{i + 1}/{total}{eta}] {entry.name} (eq {entry.equations}) ... "
+            stream.write(line)
             stream.flush()
+            inner.append(nested(line, stream).__enter__())
             return
+        while inner:
+            inner.pop().__exit__(None, None, None)
         verdict = "ok" if result.passed else "FAILED"
         stream.write(f"{verdict} ({result.seconds:.1f} s)\n")
         if not result.passed and result.message:
