@@ -369,7 +369,8 @@ def _build_figures(app):
             "",
             f"Drawn by the docs build from the check `{name}` (eq {r.equations}), the figure of the "
             f"report of `refflow verify --only {name}`. Compared: {_plain(r.compared)}. "
-            f"Error {_fmt(r.error)} against tolerance {_fmt(r.tolerance)}; negative control "
+            f"Error ({_plain(r.measure or 'see the check')}) {_fmt(r.error)} against tolerance "
+            f"{_fmt(r.tolerance)}; negative control "
             f"({_plain(r.control)}) error {_fmt(r.control_error)}, {caution}.",
             "```",
             "",

@@ -39,6 +39,10 @@ class Outcome:
     details: dict = dataclasses.field(default_factory=dict)
     figure: object = None
     """A matplotlib Figure for the report, or None."""
+    measure: str = ""
+    """What ``error`` is, in a few words, for the report's error column: "relative
+    error", "max |z|", "|fitted slope - p|", "count of crossing pairs", ... ("" when
+    the check does not say; the report then points to ``why``)."""
 
 
 @dataclasses.dataclass
@@ -58,6 +62,7 @@ class CheckResult:
     details: dict
     message: str = ""
     figure: object = None
+    measure: str = ""
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "figure"}
@@ -170,7 +175,7 @@ def run_check(entry: _Entry, quick: bool = False) -> CheckResult:
         error=float(out.error), tolerance=float(out.tolerance), why=out.why,
         control=out.control, control_error=float(out.control_error),
         control_caught=caught, passed=ok and caught, seconds=seconds, seed=seed,
-        details=out.details, message=message, figure=out.figure,
+        details=out.details, message=message, figure=out.figure, measure=out.measure,
     )
 
 

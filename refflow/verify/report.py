@@ -44,6 +44,11 @@ def summary_line(results: list[CheckResult]) -> str:
     return f"{passed} passed, {len(results) - passed} failed"
 
 
+def measure_of(r: CheckResult) -> str:
+    """What the check's error column measures ("relative error", "max |z|", ...)."""
+    return r.measure or "see 'why'"
+
+
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return str(v)
@@ -62,12 +67,13 @@ def _markdown(results: list[CheckResult], meta: dict, pngs: dict) -> str:
         "(a planted wrong variant) that the same comparison must reject. A check passes when "
         "error <= tolerance and the control's error > tolerance.",
         "",
-        "| check | equations | error | tolerance | control error | passed | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| check | equations | error | error is | tolerance | control error | passed | seconds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| `{r.name}` | {r.equations} | {_fmt(r.error)} | {_fmt(r.tolerance)} | "
+            f"| `{r.name}` | {r.equations} | {_fmt(r.error)} | {measure_of(r).replace('|', chr(92) + '|')} | "
+            f"{_fmt(r.tolerance)} | "
             f"{_fmt(r.control_error)} | {'yes' if r.passed else '**NO**'} | {r.seconds:.2f} |"
         )
     lines.append("")
@@ -76,7 +82,7 @@ def _markdown(results: list[CheckResult], meta: dict, pngs: dict) -> str:
             f"## `{r.name}` (eq {r.equations}): {'passed' if r.passed else 'FAILED'}",
             "",
             f"- compared: {r.compared}",
-            f"- error {_fmt(r.error)}, tolerance {_fmt(r.tolerance)}: {r.why}",
+            f"- error ({measure_of(r)}) {_fmt(r.error)}, tolerance {_fmt(r.tolerance)}: {r.why}",
             f"- negative control: {r.control}; its error {_fmt(r.control_error)} "
             f"({'caught' if r.control_caught else 'NOT caught'})",
             f"- seed {r.seed}, {r.seconds:.2f} s",
@@ -127,7 +133,8 @@ def _html(results: list[CheckResult], meta: dict, pngs: dict) -> str:
         verdict = '<span class="pass">passed</span>' if r.passed else '<span class="fail">FAILED</span>'
         rows.append(
             f'<tr><td><a href="#{e(r.name)}"><code>{e(r.name)}</code></a></td><td>{e(r.equations)}</td>'
-            f"<td>{e(_fmt(r.error))}</td><td>{e(_fmt(r.tolerance))}</td><td>{e(_fmt(r.control_error))}</td>"
+            f"<td>{e(_fmt(r.error))}</td><td>{e(measure_of(r))}</td><td>{e(_fmt(r.tolerance))}</td>"
+            f"<td>{e(_fmt(r.control_error))}</td>"
             f"<td>{verdict}</td><td>{r.seconds:.2f}</td></tr>"
         )
     sections = []
@@ -142,7 +149,8 @@ def _html(results: list[CheckResult], meta: dict, pngs: dict) -> str:
             f'<section class="check" id="{e(r.name)}"><h2><code>{e(r.name)}</code> (eq {e(r.equations)}): '
             f"{verdict}</h2><dl>"
             f"<dt>compared</dt><dd>{e(r.compared)}</dd>"
-            f"<dt>error / tolerance</dt><dd>{e(_fmt(r.error))} / {e(_fmt(r.tolerance))}</dd>"
+            f"<dt>error / tolerance</dt><dd>{e(_fmt(r.error))} / {e(_fmt(r.tolerance))} "
+            f"(the error is: {e(measure_of(r))})</dd>"
             f"<dt>why this tolerance</dt><dd>{e(r.why)}</dd>"
             f"<dt>negative control</dt><dd>{e(r.control)}: error {e(_fmt(r.control_error))} "
             f"({'caught' if r.control_caught else 'NOT caught'})</dd>"
@@ -158,7 +166,8 @@ def _html(results: list[CheckResult], meta: dict, pngs: dict) -> str:
         "<p>Each check compares what refflow computes with ground truth and runs a negative control, a planted "
         "wrong variant that the same comparison must reject. A check passes when its error is within the "
         "tolerance and its control's error is not.</p>"
-        "<table><tr><th>check</th><th>equations</th><th>error</th><th>tolerance</th><th>control error</th>"
+        "<table><tr><th>check</th><th>equations</th><th>error</th><th>error is</th><th>tolerance</th>"
+        "<th>control error</th>"
         "<th>result</th><th>seconds</th></tr>" + "".join(rows) + "</table>" + "".join(sections) + "</body></html>"
     )
 

@@ -281,6 +281,7 @@ def check_closed_form_likelihood(rng, quick):
         "field of a random 2-D mixture, vs the closed-form marginal log p_1, on every path (--quick: OT, VE, VP) "
         "(base density: the marginal's own p_0, which is N(0, I) except on VE/VP)",
         error=max(errors.values()),
+        measure='max |log p - exact log p| (nats)',
         tolerance=ODE_BOUND,
         why="an ODE error: local tolerance 1e-10, magnified by the flow at most 1e3 and summed over "
         "the steps (see ODE_BOUND)",
@@ -332,6 +333,7 @@ def check_linear_pushforward(rng, quick):
         "the recovered x_0, vs the Gaussian pushforward N(psi_1(0), e^A e^A^T) of N(0, I) and the exact "
         "flow, for u = A x + b0 + t b1 (3-D, non-symmetric A) and u = (c0 + t c1) * x",
         error=max(errors.values()),
+        measure='max absolute error (log p, x_0)',
         tolerance=ODE_BOUND,
         why="an ODE error at local tolerance 1e-10 (see ODE_BOUND)",
         control="time direction reversed: x_1 integrated from t = 0 to t = 1 instead of 1 -> 0",
@@ -414,6 +416,7 @@ def check_hutchinson(rng, quick):
         "u = (A0 + t A1) x (rk4, probes fixed), the same for eps^T M eps, "
         "M = A0 + A1/2 (2000 points x 10 probes), and of the mean reported k * stderr^2 against that variance",
         error=max(abs(z) for z in z_scores.values()),
+        measure='max |z| (Bonferroni threshold)',
         tolerance=threshold,
         why=f"each z-score is asymptotically standard normal under the theory (exact moments of the "
         f"quadratic form); {len(z_scores)} comparisons, Bonferroni at family-wise level 1e-3",
@@ -444,6 +447,7 @@ def check_round_trip(rng, quick):
         "on the eight-Gaussians marginal field (OT path): log p both ways, x_0 recovered, and log p vs "
         "the closed form",
         error=max(errors.values()),
+        measure='max absolute error (log p, x_0)',
         tolerance=ODE_BOUND,
         why="two ODE solves at local tolerance 1e-10 (see ODE_BOUND)",
         control="forward pass with the divergence's sign flipped (judged against the closed form)",
@@ -478,6 +482,7 @@ def check_continuous_limit(rng, quick):
         "log|det(I + J/K)| (eq 5-6) vs the CNF log-likelihood (eq 14, DOP853 1e-10) at the same points, "
         "random 2-D MLP 2x32 tanh; fitted slope of log error vs log(1/K), K = 8..128 (--quick: 8..64)",
         error=abs(result.slope - 1.0),
+        measure='|fitted slope - 1|',
         tolerance=0.3,
         why="Euler is first order: log det(I + dJ) = d tr J + O(d^2) per step and the trajectory error "
         "is O(d), so the error is C/K + O(1/K^2); ±0.3 separates neighbouring orders",

@@ -99,6 +99,7 @@ def check_crossings(rng, quick):
                  "whose (t, x) curves intersect, i.e. whose separation changes sign on a grid of "
                  f"{data['ts'].size} times (1-D data, OT path, sigma_min = 0)",
         error=float(n_marginal) if trusted else float("inf"), tolerance=0.0,
+        measure='count of crossing pairs',
         why="uniqueness of ODE solutions: trajectories of a locally Lipschitz field never meet, so in 1-D "
             "their order never changes. The count is trusted (else error = inf) only if the closest approach "
             f"of two trajectories exceeds {SEPARATION_MARGIN:g} x their largest ODE error and the counter "
@@ -129,6 +130,7 @@ def check_quantile_flow(rng, quick):
                  "F_t^-1(F_0(x_0)) with F_t the closed-form CDF of p_t (eq 16), at every grid time; "
                  "RMS of error / (atol + rtol max_t |x_t|) over SciPy's bound 5",
         error=error, tolerance=1.0,
+        measure="RMS error / (atol + rtol |x|), over SciPy's bound 5",
         why="an order-preserving map carrying p_0 to p_t is unique in 1-D (the quantile map), so it is the "
             "marginal flow; the error is an ODE error, judged in SciPy's norm against SciPy's own bound",
         control="time-reversed marginal field u_(1-t)(x), and the per-sample conditional field; the smaller counts",
@@ -157,6 +159,7 @@ def check_straightness(rng, quick):
         compared="conditional OT flows (sigma_min = 0): largest distance from the chord over the largest |x|, and "
                  "|d/dt (x_1 - x_0)| by autograd over the largest speed",
         error=max(deviation, acceleration), tolerance=EXACT_TOL,
+        measure='relative deviation from a straight line',
         why="psi_t = (1 - t) x_0 + t x_1 is a straight line at constant velocity (eq 26, 35): exact in float64",
         control="the same chord deviation measured on the marginal flows, which are curved",
         control_error=float(np.max(marginal_deviation)),

@@ -216,6 +216,7 @@ def check_cfm_fm_monte_carlo(rng, quick):
                  "least-squares fitted one, "
                  "OT and VP paths" + ("" if quick else " and cosine") + ", 2-D 4-component mixture",
         error=error, tolerance=tol,
+        measure='max |z| (Bonferroni threshold)',
         why=f"|z| of {z_all.size} parameters (standard error from the per-sample differences); "
             "Bonferroni threshold at family-wise level 1e-3. The per-sample rows must also sum to the "
             "autograd gradients of cfm_loss - fm_loss to 1e-10 (else error = inf)",
@@ -261,6 +262,7 @@ def check_cfm_fm_exact(rng, quick):
                  "by autograd; also E[u_t(x|x_1) | x] vs the closed-form marginal field; every path, "
                  "t = 0 and t ~ U(0, 0.95)",
         error=max(errors.values()), tolerance=EXACT_TOL,
+        measure='relative error, max|a - b| / max|b|',
         why="exact identities (u_t(x|x_1) is affine in x_1, so its posterior mean is u_t(x | E[x_1|x]), "
             "eq 19); two independent float64 evaluations",
         control="posterior average of the conditional target without the sigma_t' term (VP path)",
@@ -327,6 +329,7 @@ def check_theta_free(rng, quick):
                  "independent batch, each against theta_0; MLP and linear-feature model, OT and VP paths"
                  + ("" if quick else " and cosine"),
         error=error, tolerance=tol,
+        measure='max |z| (Bonferroni threshold)',
         why="the theta-dependence is -2 mean <u_theta_a - u_theta_0, u_t(x|x_1) - u_t(x)>, zero in expectation "
             f"(eq 19); |z| of {z_all.size} differences, Bonferroni at family-wise level 1e-3. The batch values "
             "must also equal the eq 21-22 expansion to 1e-10 (else error = inf)",
@@ -427,6 +430,7 @@ def check_mc_rate(rng, quick):
                  f"N = {RATE_SIZES[0]}..{RATE_SIZES[-1]}, RMS over the disjoint batches of size N of one pool of "
                  f"{RATE_POOL} common draws; MLP and linear-feature model, OT and VP paths",
         error=max(abs(s + 0.5) for s in slopes.values()), tolerance=RATE_TOL,
+        measure='|fitted slope + 1/2| (slope miss)',
         why="the difference is a mean of N i.i.d. zero-mean vectors (eq 23-24), so E||.||^2 = tr Cov / N "
             "exactly, slope -1/2; weighted fit by the number of batches per N. Over 8 seeds the slopes stayed "
             "within 0.022 of -1/2 (spread at most 0.012; details: the indicative sd of this run), so 0.1 is 8 "

@@ -53,6 +53,7 @@ def check_derivatives(rng, quick):
         compared="alpha', sigma', sigma*sigma' of every path vs autograd derivatives of alpha, sigma "
                  "at t = 0, 1 and 64 random t",
         error=max(errors.values()), tolerance=EXACT_TOL,
+        measure='relative error, max|a - b| / max|b|',
         why="exact formulas evaluated in float64: only rounding separates them",
         control="VP path with alpha_t' missing the factor 1/2", control_error=control,
         details={"per_path": errors}, figure=plot_schedules(all_paths()),
@@ -81,6 +82,7 @@ def check_boundary(rng, quick):
         compared="alpha_0 = 0, sigma_0 = 1 (eq 17) and alpha_1 = 1, sigma_1 = sigma_min (eq 18) "
                  "for the OT, cosine, polynomial and linear-VP paths",
         error=max(errors.values()), tolerance=1e-15,
+        measure='max absolute error at the ends',
         why="the schedules are written so that the ends are exact in float64",
         control="the VE path (sigma_max = 5), which starts at N(x_1, sigma_max^2 I), not N(0, I)",
         control_error=boundary_error(VEPath(0.01, 5.0), 0.01),
@@ -123,6 +125,7 @@ def check_conditional_velocity(rng, quick):
         compared="d/dt psi_t(x_0|x_1) by autograd vs eq 29; eq 31 at x = psi_t(x_0) vs eq 29; "
                  "OT velocity constant in t (eq 35)",
         error=max(errors.values()), tolerance=EXACT_TOL,
+        measure='relative error, max|a - b| / max|b|',
         why="exact identities evaluated in float64",
         control="eq 31 with the sigma'/sigma (x - alpha x_1) term dropped (VP path)",
         control_error=control, details={"per_path": errors},

@@ -212,6 +212,7 @@ def check_order(rng, quick):
         compared="fitted slope of log error vs log step (euler 1, midpoint 2, heun 2, rk4 4), "
         "forward 0->1 and backward 1->0, on the closed-form Gaussian flow of the cosine path",
         error=error,
+        measure='|fitted slope - order| (slope miss)',
         tolerance=0.3,
         why="an order-p method has global error C δ^p + O(δ^(p+1)); a slope within ±0.3 of p "
         "separates neighbouring orders",
@@ -248,6 +249,7 @@ def check_solve_ivp(rng, quick):
         "psi_{0->1} and psi_{1->0}; RMS of error / (atol + rtol max_t |x_t|), divided by the "
         "bound SciPy's tests use for the method",
         error=max(max(pair) for pair in ratios.values()),
+        measure="RMS error / (atol + rtol |x|), over SciPy's bound",
         tolerance=1.0,
         why="the step control keeps each step's local error near 1 in this norm; the global "
         "error accumulates, and SciPy's own tests bound it by 5 (10 for BDF)",
@@ -334,6 +336,7 @@ def check_guided_sampling(rng, quick):
         compared="guided samples (w = 2.5, DOP853) vs the exact flow to N((1 - w) m_null + w m_y, s^2); "
         "RMS of error / (atol + rtol max_t |x_t|) over SciPy's bound 5",
         error=normalised_error(sol.x, exact, rtol, atol, magnitude) / SCIPY_BOUNDS["DOP853"],
+        measure="RMS error / (atol + rtol |x|), over SciPy's bound",
         tolerance=1.0,
         why="an ODE error in SciPy's norm, against the bound of SciPy's own tests",
         control="the conditional flow without guidance (w = 1) taken as ground truth",

@@ -73,6 +73,7 @@ def check_marginal_monte_carlo(rng, quick):
         compared="closed-form marginal field (eq 19) vs the self-normalised Monte-Carlo estimate of eq 19 "
                  f"from {n_samples} data samples, every path, 2-D and 8-D mixtures, x ~ p_t, t ~ U(0.05, 0.8)",
         error=float(np.abs(z_all).max()), tolerance=threshold,
+        measure='max |z| (Bonferroni threshold)',
         why=f"|z| of {z_all.size} coordinates; Bonferroni threshold at family-wise level 1e-3 "
             f"(points with effective sample size < {MIN_ESS:g} skipped)",
         control="marginal field with the sigma_t sigma_t' term dropped (VP path)",
@@ -113,6 +114,7 @@ def check_continuity(rng, quick):
                  "d/dt log p_t + div u_t + u_t . grad log p_t = 0, every derivative by autograd of the "
                  "closed-form log p_t and u_t, relative to the size of its terms",
         error=max(errors.values()), tolerance=EXACT_TOL,
+        measure='scaled residual of eq 11',
         why="an exact identity; autograd derivatives of float64 closed forms",
         control="marginal field with the sigma_t sigma_t' term dropped",
         control_error=control, details=errors,
@@ -149,6 +151,7 @@ def check_score_divergence(rng, quick):
         compared="closed-form score vs autograd gradient of log p_t; closed-form divergence vs the trace of "
                  "the autograd Jacobian of u_t (t = 0 and t = 1 included)",
         error=max(errors.values()), tolerance=EXACT_TOL,
+        measure='relative error, max|a - b| / max|b|',
         why="exact identities evaluated in float64",
         control="divergence without the responsibility (covariance) term sum_k r_k (s_k - s).(u_k - u)",
         control_error=float(min(controls)), details=errors,
@@ -183,6 +186,7 @@ def check_sampling(rng, quick):
     return Outcome(
         compared="mean and second moment of samples of q_1 and p_t (VP path, t = 0, 0.5, 1) vs exact",
         error=float(np.abs(z).max()), tolerance=bonferroni_z(z.size),
+        measure='max |z| (Bonferroni threshold)',
         why="z-scores of sample moments, Bonferroni threshold at family-wise level 1e-3",
         control="components sampled with C_k in place of C_k^(1/2)", control_error=float(max(control)),
         details={"n": n},

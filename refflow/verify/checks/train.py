@@ -57,6 +57,7 @@ def check_learned_field(rng, quick):
     return Outcome(
         compared="MLP trained by Algorithm 1 (OT path, eight Gaussians) vs the closed-form marginal field (eq 19)",
         error=err, tolerance=FIELD_TOL, why=FIELD_WHY,
+        measure='relative L2 error E|u_theta - u|^2 / E|u|^2',
         control="the trained network queried with time reversed (t -> 1 - t)", control_error=control,
         details={"hidden": list(model.hidden), "points": n},
         figure=plot_field_comparison(lambda t, x: model.apply(params, t, x), m),
@@ -82,6 +83,7 @@ def check_sample_quality(rng, quick):
     return Outcome(
         compared="mean exact log q_1 of 4000 RK4 samples of the trained model vs that of 4000 true samples",
         error=gap, tolerance=0.3,
+        measure='gap in mean log q_1 (nats)',
         why="an absolute gap in nats; the sampling noise of each mean is about 0.02 nats, the rest is the "
             "model's error, which train.learned_field bounds; 0.3 nats is a tenth of the target's entropy scale",
         control="samples drawn with the time argument reversed", control_error=control,
@@ -107,6 +109,7 @@ def check_guidance_training(rng, quick):
         compared="one MLP trained with label dropout 0.2 (eq 38): its conditional fields u(t, x, y) vs the "
                  "closed-form fields of the class mixtures, and u(t, x, null) vs the unconditional field",
         error=max(errors.values()), tolerance=FIELD_TOL, why=FIELD_WHY,
+        measure='relative L2 error E|u_theta - u|^2 / E|u|^2',
         control="the conditional field queried with the prompt of the neighbouring class", control_error=control,
         details=errors,
     )
