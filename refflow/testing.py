@@ -38,7 +38,7 @@ class RefflowAssertionError(AssertionError):
         self.report = report
 
 
-def assert_check(kind: str, impl, case, *, adapter=None, adapter_options=None, **options):
+def assert_check(kind: str, impl, case, *, adapter="auto", adapter_options=None, **options):
     """Check ``impl`` of ``kind`` on ``case``; raise :class:`AssertionError` carrying the table if it fails.
 
     Parameters
@@ -51,8 +51,10 @@ def assert_check(kind: str, impl, case, *, adapter=None, adapter_options=None, *
         A catalog name, a :class:`~refflow.validate.Case` (from the
         ``refflow_case`` fixture, :func:`~refflow.validate.make_case` or
         :func:`~refflow.validate.load_case_file`).
-    adapter : str, optional
-        Wrap ``impl`` with :func:`refflow.adapters.adapt` first.
+    adapter : str or None
+        Wrap ``impl`` with :func:`refflow.adapters.adapt` first.  The default
+        ``"auto"`` wraps a torch ``nn.Module``, a flow_matching path and a
+        TorchCFM matcher, and leaves a plain function as it is; None never wraps.
     adapter_options : dict, optional
         Keywords of the adapter (``dtype``, ``device``, ``order``, ...).
     **options
