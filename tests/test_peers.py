@@ -84,3 +84,11 @@ def test_torchcfm_target_matcher_in_float32_loses_precision_near_t1():
     assert report["u_t"].passed is False
     assert "precision_near_t1" in report["u_t"].causes
     assert report["u_t"].error > 1e-3
+
+
+def test_torchcfm_exact_ot_matcher_is_named_a_coupling():
+    cfm = pytest.importorskip("torchcfm.conditional_flow_matching")
+    pytest.importorskip("ot")
+    report = check("path", _torchcfm(cfm.ExactOptimalTransportConditionalFlowMatcher(0.0), torch.float64, False), OT)
+    assert report["x_t"].passed is False
+    assert "repairs_batch" in report["x_t"].causes
