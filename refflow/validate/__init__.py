@@ -79,12 +79,14 @@ from __future__ import annotations
 
 from refflow.stats import energy_distance_test
 from refflow.validate.calling import ImplementationError, load_impl, run_isolated
-from refflow.validate.catalog import Case, catalog, get_case, require_kind
+from refflow.validate.catalog import Case, catalog, get_case, interpolant_catalog, require_kind
 from refflow.validate.cases import bind_case, load_case_file, make_case
 from refflow.validate.causes import CAUSES
+from refflow.validate.coupling import check_coupling
 from refflow.validate.errors import row_error
 from refflow.validate.field import check_field
 from refflow.validate.guided import GUIDANCE_WEIGHTS, check_guided
+from refflow.validate.interpolant import check_interpolant
 from refflow.validate.loglik import LOGLIK_TOL, check_loglik
 from refflow.validate.path import check_path
 from refflow.validate.report import CheckReport, PropertyResult
@@ -98,6 +100,7 @@ __all__ = [
     "GUIDANCE_WEIGHTS",
     "Case",
     "catalog",
+    "interpolant_catalog",
     "get_case",
     "make_case",
     "load_case_file",
@@ -111,15 +114,26 @@ __all__ = [
     "check_loglik",
     "check_sampler",
     "check_guided",
+    "check_interpolant",
+    "check_coupling",
     "row_error",
     "energy_distance_test",
 ]
 
-KINDS = ("path", "field", "loglik", "sampler", "guided")
+KINDS = ("path", "field", "loglik", "sampler", "guided", "coupling")
 """The kinds of implementation :func:`check` knows how to test."""
 
+
+def _check_any_path(impl, case, **options):
+    # an interpolant case (x_t = a_t x_0 + b_t x_1 + gamma_t eps) has its own path check
+    if getattr(case.path, "marginal_path", None) is not None:
+        return check_interpolant(impl, case, **options)
+    return check_path(impl, case, **options)
+
+
 _CHECKS = {
-    "path": check_path,
+    "path": _check_any_path,
+    "coupling": check_coupling,
     "field": check_field,
     "loglik": check_loglik,
     "sampler": check_sampler,
