@@ -56,7 +56,7 @@ from autograd.core import VJPNode, backward_pass
 from autograd.tracer import trace
 
 from refflow import autodiff, solvers
-from refflow._validation import _xp, as_rng, check_points, check_scalar
+from refflow._validation import _xp, as_rng, check_points, check_scalar, exact
 
 __all__ = [
     "CNFResult",
@@ -318,12 +318,12 @@ def _check_values(u, n, d, t, name):
     xp = _xp(u)
     arr = xp.asarray(u)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise TypeError(f"{name}: expected a real array of shape ({n}, {d}), got dtype {arr.dtype} at t={t!r}")
+        raise TypeError(f"{name}: expected a real array of shape ({n}, {d}), got dtype {arr.dtype} at t={exact(t)}")
     if arr.shape != (n, d):
-        raise ValueError(f"{name}: expected shape ({n}, {d}) like x, got shape {arr.shape} at t={t!r}")
+        raise ValueError(f"{name}: expected shape ({n}, {d}) like x, got shape {arr.shape} at t={exact(t)}")
     arr = arr.astype(np.float64, copy=False)
     if not bool(xp.all(xp.isfinite(arr))):
-        raise ValueError(f"{name}: expected finite values, got NaN or inf at t={t!r}")
+        raise ValueError(f"{name}: expected finite values, got NaN or inf at t={exact(t)}")
     return arr
 
 
@@ -333,10 +333,10 @@ def _check_div(v, n, t, name="divergence"):
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{name}: expected div(t, x) to return a real array of shape ({n},), got dtype {arr.dtype}")
     if arr.shape != (n,):
-        raise ValueError(f"{name}: expected div(t, x) to return shape ({n},), got shape {arr.shape} at t={t!r}")
+        raise ValueError(f"{name}: expected div(t, x) to return shape ({n},), got shape {arr.shape} at t={exact(t)}")
     arr = arr.astype(np.float64, copy=False)
     if not bool(xp.all(xp.isfinite(arr))):
-        raise ValueError(f"{name}: expected finite divergences, got NaN or inf at t={t!r}")
+        raise ValueError(f"{name}: expected finite divergences, got NaN or inf at t={exact(t)}")
     return arr
 
 

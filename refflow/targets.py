@@ -348,7 +348,7 @@ class GaussianMixture(_MixtureBase):
             asym = np.abs(cov - np.transpose(cov, (0, 2, 1))).max()
             scale = np.abs(cov).max()
             if asym > 1e-12 * scale:
-                raise ValueError(f"covariances: expected symmetric matrices, got max |C - C^T| = {asym:.3g}")
+                raise ValueError(f"covariances: expected symmetric matrices, got max |C - C^T| = {exact(asym)}")
             full = 0.5 * (cov + np.transpose(cov, (0, 2, 1)))
             for k in range(K):
                 try:
