@@ -298,17 +298,20 @@ def plot_figure2(data):
         (axes[1], marg, f"(b) marginal flows: curved, {n_marg} crossing pairs"),
     )
     for ax, paths, title in panels:
-        ax.imshow(density, origin="lower", extent=(0.0, 1.0, -lim, lim), aspect="auto",
-                  cmap="Greys", norm=PowerNorm(0.5, vmin=0.0, vmax=float(density.max())))
+        image = ax.imshow(density, origin="lower", extent=(0.0, 1.0, -lim, lim), aspect="auto",
+                          cmap="Greys", norm=PowerNorm(0.5, vmin=0.0, vmax=float(density.max())))
         for i in range(paths.shape[1]):
             ax.plot(ts, paths[:, i], color=colours[i], lw=1.0, alpha=0.9)
         ax.scatter(np.zeros(paths.shape[1]), paths[0], s=10, color="k", zorder=3)
         ax.scatter(np.ones(paths.shape[1]), paths[-1], s=10, color="k", zorder=3)
         ax.set_xlim(0.0, 1.0)
         ax.set_ylim(-lim, lim)
-        ax.set_xlabel("t")
+        ax.set_xticks([0.0, 0.25, 0.5, 0.75, 1.0], ["0", "0.25", "0.5", "0.75", "1"])
+        ax.set_xlabel("time $t$ (noise at 0, data at 1)")
         ax.set_title(title, fontsize=10)
-    axes[0].set_ylabel("x")
+    axes[0].set_ylabel("position $x$ (lines coloured by the rank of $x_0$)")
+    fig.colorbar(image, ax=axes, shrink=0.9, pad=0.01, label="density $p_t(x)$ (square-root scale)")
+    fig.get_layout_engine().set(wspace=0.06)
     fig.suptitle("Figure 2: noise N(0, 1) at t = 0 to a mixture of narrow Gaussians at t = 1 (OT path, "
                  "sigma_min = 0), over the density p_t(x)", fontsize=10)
     return fig
@@ -326,8 +329,9 @@ def plot_rate(sizes, curves, title="relative difference of the gradients"):
     for label, values in curves.items():
         ax.loglog(sizes, values, "o-", ms=3, label=label)
     top = max(float(np.max(v)) for v in curves.values())
-    ax.loglog(sizes, 1.5 * top * np.sqrt(sizes[0] / sizes), "k--", lw=1, label="N^(-1/2)")
-    ax.set_xlabel("batch size N")
+    ax.loglog(sizes, 1.5 * top * np.sqrt(sizes[0] / sizes), "k--", lw=1, label=r"$N^{-1/2}$ (guide)")
+    ax.set_xlabel("batch size $N$")
+    ax.set_ylabel("relative difference (RMS over batches)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     return fig

@@ -48,22 +48,31 @@ def plot_samples(samples, target=None, title="samples", max_points=5000):
     ax.set_ylim(-lim, lim)
     ax.set_aspect("equal")
     ax.set_title(title)
+    ax.set_xlabel("first coordinate")
+    ax.set_ylabel("second coordinate")
+    if target is not None:
+        from matplotlib.lines import Line2D
+
+        ax.legend([Line2D([], [], ls="none", marker="o", ms=3, color="tab:blue"), Line2D([], [], color="k", lw=0.6)],
+                  ["samples", "contours of the target density"], fontsize=7, loc="upper right")
     return fig
 
 
 def plot_schedules(paths):
     """alpha_t and sigma_t of each path on [0, 1] (eq 25-34)."""
     t = np.linspace(0.0, 1.0, 201)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     for path in paths:
         axes[0].plot(t, path.alpha(t), label=repr(path))
         axes[1].plot(t, path.sigma(t), label=repr(path))
-    axes[0].set_title("alpha_t")
-    axes[1].set_title("sigma_t")
+    axes[0].set_title(r"$\alpha_t$, the scale of $x_1$ (data)")
+    axes[1].set_title(r"$\sigma_t$, the scale of $x_0$ (noise), log scale")
+    axes[0].set_ylabel(r"$\alpha_t$")
+    axes[1].set_ylabel(r"$\sigma_t$")
     axes[1].set_yscale("log")
     for ax in axes:
-        ax.set_xlabel("t")
-    axes[0].legend(fontsize=6)
+        ax.set_xlabel("time $t$")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=7)
     return fig
 
 
@@ -78,9 +87,10 @@ def plot_marginal_fields(marginal, times=(0.0, 0.5, 0.9, 1.0), lim=6.0):
         U = marginal.velocity(np.stack([GX.ravel(), GY.ravel()], axis=1), t)
         ax.streamplot(GX, GY, U[:, 0].reshape(GX.shape), U[:, 1].reshape(GX.shape), color="k",
                       linewidth=0.5, density=0.8, arrowsize=0.6)
-        ax.set_title(f"p_t and u_t, t = {t:g}")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set_title(f"$p_t$ (shade) and $u_t$ (lines), $t = {t:g}$", fontsize=9)
+        ax.set_xlabel("first coordinate")
+    np.atleast_1d(axes)[0].set_ylabel("second coordinate")
+    fig.tight_layout()
     return fig
 
 
@@ -91,8 +101,10 @@ def plot_z_histogram(z, threshold, title="z-scores"):
     ax.hist(z, bins=40, density=True, alpha=0.6, label=f"{z.size} z-scores")
     g = np.linspace(-max(threshold, np.abs(z).max()) * 1.05, max(threshold, np.abs(z).max()) * 1.05, 300)
     ax.plot(g, np.exp(-0.5 * g**2) / np.sqrt(2 * np.pi), "k", label="N(0, 1)")
-    for s in (-threshold, threshold):
-        ax.axvline(s, color="tab:red", linestyle="--")
+    for k, s in enumerate((-threshold, threshold)):
+        ax.axvline(s, color="tab:red", linestyle="--", label=f"pass threshold |z| = {threshold:.2f}" if k else None)
+    ax.set_xlabel("z = difference / standard error")
+    ax.set_ylabel("density")
     ax.set_title(title)
     ax.legend(fontsize=8)
     return fig
@@ -113,8 +125,10 @@ def plot_field_comparison(learned, marginal, t_values=(0.25, 0.75), lim=6.0):
         kw = dict(angles="xy", scale_units="xy", scale=scale, alpha=0.6)
         ax.quiver(pts[:, 0], pts[:, 1], u[:, 0], u[:, 1], color="k", label="closed form (eq 19)", **kw)
         ax.quiver(pts[:, 0], pts[:, 1], v[:, 0], v[:, 1], color="tab:orange", label="learned", **kw)
-        ax.set_title(f"t = {t:g}")
+        ax.set_title(f"$u_t(x)$ at $t = {t:g}$")
         ax.set_aspect("equal")
+        ax.set_xlabel("first coordinate")
+    np.atleast_1d(axes)[0].set_ylabel("second coordinate")
     np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower left")
     return fig
 
@@ -127,7 +141,11 @@ def plot_convergence(curves, title="convergence"):
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     for label, (steps, errors, slope) in curves.items():
         ax.loglog(steps, errors, "o-", label=f"{label}: slope {slope:.2f}")
-    ax.set_xlabel("step size")
+    # labels on the decades only: the minor-tick labels of a short log axis overlap
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(r"step size $\delta$")
     ax.set_ylabel("max error at the end point")
     ax.set_title(title)
     ax.legend(fontsize=7)
@@ -147,6 +165,8 @@ def plot_log_density_panels(X, Y, panels):
                            vmin=vmin, vmax=vmax)
         ax.set_title(title)
         ax.set_aspect("equal")
-        fig.colorbar(im, ax=ax, shrink=0.85)
+        ax.set_xlabel("first coordinate")
+        fig.colorbar(im, ax=ax, shrink=0.85, label="log-density (nats)")
+    axes[0][0].set_ylabel("second coordinate")
     fig.tight_layout()
     return fig
