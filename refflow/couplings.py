@@ -36,6 +36,7 @@ relaxation (Cuturi 2013), the minimiser of
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -137,7 +138,9 @@ def sinkhorn_plan(x_0=None, x_1=None, reg: float = 0.05, *, cost=None, a=None, b
 
     and returns :math:`\pi_{ij} = e^{(f_i + g_j - C_{ij})/\varepsilon}`.
     After a :math:`g` update the column sums are exact; it stops when the row
-    sums hold to ``tol`` relative, :math:`\max_i |\pi 1 - a|_i / a_i \le` ``tol``.
+    sums hold to ``tol`` relative, :math:`\max_i |\pi 1 - a|_i / a_i \le` ``tol``,
+    and warns (RuntimeWarning) when ``max_iter`` iterations did not get there:
+    convergence slows as :math:`\varepsilon` falls below the spread of the costs.
 
     Parameters
     ----------
@@ -163,8 +166,13 @@ def sinkhorn_plan(x_0=None, x_1=None, reg: float = 0.05, *, cost=None, a=None, b
         g = reg * (log_b - _logsumexp((f[:, None] - cost) / reg, axis=0))
         if it % 10 == 9 or it == max_iter - 1:
             log_rows = _logsumexp((f[:, None] + g[None, :] - cost) / reg, axis=1)
-            if np.max(np.abs(np.expm1(log_rows - log_a))) <= tol:
+            miss = float(np.max(np.abs(np.expm1(log_rows - log_a))))
+            if miss <= tol:
                 break
+    else:
+        warnings.warn(f"sinkhorn_plan: not converged after max_iter={max_iter} iterations (row sums off by a "
+                      f"relative {miss:.3g} > tol={tol!r}); a small reg needs many more", RuntimeWarning,
+                      stacklevel=2)
     return np.exp((f[:, None] + g[None, :] - cost) / reg)
 
 
