@@ -94,6 +94,7 @@ def main(argv=None):
     ap.add_argument("--tests", choices=["none", "related", "all"], default="related")
     ap.add_argument("--no-tests", action="store_true")
     ap.add_argument("--no-full", action="store_true", help="verify --quick only")
+    ap.add_argument("--no-verify", action="store_true", help="the tests only")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--skip-baseline", action="store_true", help="do not first check the unmutated copy")
     ap.add_argument("--json", help="write the per-mutant results here")
@@ -118,7 +119,7 @@ def main(argv=None):
     env = dict(os.environ, PYTHONPATH=repo, NUMBA_CACHE_DIR=os.path.join(tmp, "numba"),
                PYTHONDONTWRITEBYTECODE="1", MPLBACKEND="Agg")
     print(f"copy in {repo}; {len(mutants)} mutants", flush=True)
-    if not args.skip_baseline:
+    if not (args.skip_baseline or args.no_verify):
         # the unmutated copy must pass, or every "kill" below would be the copy's own failure
         for mode in ("quick",) if args.no_full else ("quick", "rest"):
             killed, secs = verify(mode, [], repo, env, args.timeout)
@@ -144,9 +145,9 @@ def main(argv=None):
         try:
             with open(target, "w") as fh:
                 fh.write(mutated)
-            row["quick"], t_q = verify("quick", first, repo, env, args.timeout)
+            row["quick"], t_q = (None, 0.0) if args.no_verify else verify("quick", first, repo, env, args.timeout)
             row["full"], t_f = row["quick"], 0.0
-            if row["quick"] is None and not args.no_full:
+            if row["quick"] is None and not (args.no_full or args.no_verify):
                 # the full run adds the non-quick checks; quick ones already passed
                 row["full"], t_f = verify("rest", first, repo, env, args.timeout)
             row["tests"] = None
@@ -176,15 +177,19 @@ def main(argv=None):
 
     print()
     print(f"valid mutants: {n} (invalid: {len(results) - n})")
-    if n:
+    if n and not args.no_verify:
         q, f = rate("quick"), rate("full")
         print(f"refflow verify --quick kills {q}/{n} = {100 * q / n:.1f}%")
         print(f"refflow verify (full)  kills {f}/{n} = {100 * f / n:.1f}%")
-        if tests_mode != "none":
-            t = rate("tests")
-            both = sum(r.get("full") is not None or r.get("tests") is not None for r in valid)
-            print(f"tests ({tests_mode})        kill {t}/{n} = {100 * t / n:.1f}%")
+    if n and tests_mode != "none":
+        t = rate("tests")
+        both = sum(r.get("full") is not None or r.get("tests") is not None for r in valid)
+        print(f"tests ({tests_mode})        kill {t}/{n} = {100 * t / n:.1f}%")
+        if not args.no_verify:
             print(f"verify + tests         kill {both}/{n} = {100 * both / n:.1f}%")
+        surv_t = [r for r in valid if r.get("tests") is None]
+        print("survivors of the tests:", ", ".join(r["id"] for r in surv_t) or "none")
+    if n and not args.no_verify:
         surv = [r for r in valid if r.get("full") is None]
         print("survivors of verify (full):", ", ".join(r["id"] for r in surv) or "none")
         surv_q = [r for r in valid if r.get("quick") is None]
