@@ -79,7 +79,9 @@ rng = np.random.default_rng(0)
 #
 # `eight_gaussians()` is a `GaussianMixture` (eight isotropic components on a
 # circle of radius 4, labels 0–7). `OTPath(0.0)` is $\alpha_t = t$,
-# $\sigma_t = 1 - t$. Their marginal (eq 16, 19) is available in closed form.
+# $\sigma_t = 1 - t$. Their marginal (eq 16, 19) is available in closed form:
+# the figure shows the density $p_t$ and streamlines of the field $u_t$ from
+# the noise at $t = 0$ to the data at $t = 1$.
 
 # %%
 target = rf.eight_gaussians()
