@@ -362,26 +362,41 @@ def _integrate_scipy(method: str, u, x, t0, t1, rtol, atol, t_eval):
         options["lband"] = d - 1
         options["uband"] = d - 1
 
-    # Without t_eval SciPy keeps every accepted step and the last one is the
-    # solver's own end state.  With t_eval it keeps only the requested times
+    if t_eval is None:
+        return _step_to_end(method, rhs, x, t0, t1, rtol, atol, options), None, None
+
+    # With t_eval SciPy keeps only the requested times
     # (plus t1, so the end state comes from the same dense output); they are
     # passed sorted in the direction of integration, as solve_ivp requires.
-    times = inverse = None
-    if t_eval is not None:
-        times, inverse = np.unique(np.append(t_eval, t1), return_inverse=True)
-        if t1 < t0:
-            times = times[::-1]
-            inverse = times.size - 1 - inverse
+    times, inverse = np.unique(np.append(t_eval, t1), return_inverse=True)
+    if t1 < t0:
+        times = times[::-1]
+        inverse = times.size - 1 - inverse
     sol = scipy.integrate.solve_ivp(
         rhs, (t0, t1), x.reshape(-1), method=method, t_eval=times,
         rtol=rtol, atol=atol, **options,
     )
     if sol.status != 0:
         raise RuntimeError(f"solve_ivp ({method}) failed: {sol.message}")
-    if t_eval is None:
-        return sol.y[:, -1].reshape(n, d).copy(), None, None
     states = sol.y.T.reshape(times.size, n, d)[inverse]
     return states[-1].copy(), t_eval.copy(), states[:-1]
+
+
+def _step_to_end(method, rhs, x, t0, t1, rtol, atol, options):
+    """The end state of SciPy's ``method`` stepped from t0 to t1, keeping only the current state.
+
+    ``solve_ivp`` without ``t_eval`` stores every accepted step (memory
+    growing with the number of steps times n d); driving its step class
+    directly gives the same end state, bit for bit, in the memory of one
+    state and the method's stages.
+    """
+    n, d = x.shape
+    solver = getattr(scipy.integrate, method)(rhs, t0, x.reshape(-1).copy(), t1, rtol=rtol, atol=atol, **options)
+    while solver.status == "running":
+        message = solver.step()
+        if solver.status == "failed":
+            raise RuntimeError(f"solve_ivp ({method}) failed: {message}")
+    return solver.y.reshape(n, d).copy()
 
 
 def integrate(

@@ -46,7 +46,7 @@ def test_assert_path_raises_with_the_table_on_a_planted_bug():
 def test_assert_sampler_receives_the_case_and_catches_a_wrong_target():
     testing.assert_sampler(exact_sampler, OT, n=1000)
     # samples of another case's target: the wrong distribution
-    other = validate.get_case("torchcfm-8gaussians/ot/sigma_min=0/d=2")
+    other = validate.get_case("torchcfm-eight-gaussians/ot/sigma_min=0/d=2")
     with pytest.raises(AssertionError, match="mean_log_prob"):
         testing.assert_sampler(lambda n, seed: other.marginal.sample(n, 1.0, seed), OT, n=1000)
 

@@ -49,6 +49,17 @@ def register(sub) -> None:
            help="guided: the weighting the implementation claims (auto: detect)")
     option(p, "--conditional", action="store_true",
            help="field: pass labels y as a third argument (when off: when the function takes three)")
+    option(p, "--case-file", default=None, metavar="PATH",
+           help="a case of your own instead of --case: .json or .npz written by Case.to_json / Case.save_npz")
+    option(p, "--adapter", choices=("none", "auto", "torch", "jax", "flow_matching", "torchcfm"), default="none",
+           help="wrap --impl first (refflow.adapters): a torch nn.Module, a flow_matching AffineProbPath, "
+                "a TorchCFM matcher, a JAX function; auto: recognise them (none: call --impl as it is)")
+    option(p, "--max-gap", type=float, default=None,
+           help="sampler, trained model: largest mean log-likelihood gap in nats (none: exact tests)")
+    option(p, "--max-energy", type=float, default=None,
+           help="sampler, trained model: largest energy distance (none: exact tests)")
+    option(p, "--max-weight-error", type=float, default=None,
+           help="sampler, trained model: largest error of a component's weight (none: exact tests)")
     option(p, "--timeout", type=float, default=600.0,
            help="seconds the implementation may run, in a child process (0: no limit, in this process)")
     p.set_defaults(func=cmd_check)
@@ -88,7 +99,10 @@ def _run(args) -> int:
             refuse_unless(given, dest, dest == "list", "does not apply with --list")
         print(catalog_table())
         return 0
-    missing = [f"--{name}" for name in ("kind", "impl", "case") if getattr(args, name) is None]
+    missing = [f"--{name}" for name in ("kind", "impl", "case") if getattr(args, name) is None
+               and not (name == "case" and args.case_file is not None)]
+    if args.case is not None and args.case_file is not None:
+        return _usage_error("--case and --case-file: give one of them, not both")
     if missing:
         return _usage_error(f"{', '.join(missing)} required (or --list)")
     check_output_file("--json", args.json)
@@ -99,6 +113,10 @@ def _run(args) -> int:
     refuse_unless(given, "convention", args.kind == "guided", "applies only to --kind guided")
     refuse_unless(given, "conditional", args.kind == "field", "applies only to --kind field")
     refuse_unless(given, "batch_size", args.kind != "sampler", "does not apply to --kind sampler")
+    for dest in ("max_gap", "max_energy", "max_weight_error"):
+        refuse_unless(given, dest, args.kind == "sampler", "applies only to --kind sampler")
+        if getattr(args, dest) is not None:
+            check_float("--" + dest.replace("_", "-"), getattr(args, dest), 0.0)
     # like `python -m`, make modules in the current folder importable by --impl
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -113,10 +131,26 @@ def _run(args) -> int:
         options["convention"] = args.convention
     if args.kind == "field" and args.conditional:
         options["conditional"] = True
+    for dest in ("max_gap", "max_energy", "max_weight_error"):
+        if getattr(args, dest) is not None:
+            options[dest] = getattr(args, dest)
+    impl, case = args.impl, args.case
+    try:
+        if args.case_file is not None:
+            from refflow.validate import load_case_file
+
+            case = load_case_file(args.case_file)
+        if args.adapter != "none":
+            from refflow.adapters import adapt
+            from refflow.validate.calling import load_impl
+
+            impl = adapt(load_impl(args.impl, require_callable=False), args.kind, args.adapter)
+    except (ValueError, TypeError, ImportError) as exc:
+        return _usage_error(str(exc))
     if "timeout" in inspect.signature(check).parameters:
         options["timeout"] = args.timeout if args.timeout > 0 else None
     try:
-        report = check(args.kind, args.impl, args.case, threshold=args.threshold, seed=args.seed, **options)
+        report = check(args.kind, impl, case, threshold=args.threshold, seed=args.seed, **options)
     except ImplementationError as exc:
         # The implementation's failure, not the user's usage: a verdict, exit 1.
         print(f"FAILED: {one_line(exc)}")

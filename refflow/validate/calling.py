@@ -44,7 +44,7 @@ class ImplementationError(RuntimeError):
     """
 
 
-def load_impl(spec: str) -> Callable:
+def load_impl(spec: str, require_callable: bool = True) -> Callable:
     """Import the callable named by ``"package.module:function"`` or ``"path/file.py:function"``.
 
     The part after the colon may be dotted (``"mod:Class.method"``,
@@ -79,7 +79,7 @@ def load_impl(spec: str) -> Callable:
         if not hasattr(obj, part):
             raise ValueError(f"impl: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
-    if not callable(obj):
+    if require_callable and not callable(obj):  # an adapter (refflow.adapters) may wrap a non-callable
         raise TypeError(f"impl: expected {spec!r} to name a callable, got {type(obj).__name__}")
     return obj
 

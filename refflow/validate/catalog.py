@@ -52,7 +52,7 @@ def _build_target(name: str, dim: int) -> GaussianMixture:
         return two_moons()
     if name == "checkerboard":
         return checkerboard()
-    if name == "torchcfm-8gaussians":
+    if name == "torchcfm-eight-gaussians":
         return torchcfm_eight_gaussians()
     if name == "mixture":
         return random_mixture(dim, 6, _MIXTURE_SEED + dim, n_classes=3)
@@ -215,7 +215,7 @@ _CATALOG_SPECS = (
     ("two-moons", "ot", 0.0, 2),
     ("two-moons", "vp", 0.0, 2),
     ("checkerboard", "ot", 0.0, 2),
-    ("torchcfm-8gaussians", "ot", 0.0, 2),
+    ("torchcfm-eight-gaussians", "ot", 0.0, 2),
     ("mixture", "ot", 0.0, 5),
     ("mixture", "ot", 0.05, 5),
     ("mixture", "vp", 0.0, 5),

@@ -284,9 +284,13 @@ def _l2_property(u_got, truth, t, y, threshold, variants, n_special):
         else:
             sub = {k: (lambda v=v: (v() if callable(v) else v)[mc]) for k, v in variants.items()}
             causes = match_variants(g, r, sub, l2_distance(r))
+    from refflow.validate.effects import curve_over_t
+
+    ci = (max(ratio - 1.96 * se, 0.0), ratio + 1.96 * se)
     return PropertyResult(
         "u_l2", f"relative L2 error E||u - u*||^2 / E||u*||^2 (eq 15 normalised), t ~ U(0, 1), x ~ p_t, "
-                f"{num.size} rows",
-        ratio, tol, passed, causes, {"stderr": se, "by_t": by_t},
+                f"{num.size} rows; 95% interval [{ci[0]:.3g}, {ci[1]:.3g}]",
+        ratio, tol, passed, causes, {"stderr": se, "ci95": list(ci), "by_t": by_t,
+                                     "by_t_ci": curve_over_t(num, den, tt)},
         "" if judged else "reported only: set a threshold to judge it",
     )

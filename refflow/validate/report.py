@@ -161,7 +161,10 @@ class CheckReport:
             if p.details.get("worst_t") is not None and "worst_error" in p.details and p.passed is False:
                 lines.append(f"      worst row: t = {p.details['worst_t']:.9g}, error {p.details['worst_error']:.3g} "
                              f"against its bound {p.details['worst_bound']:.3g}")
-            if "by_t" in p.details:
+            if "by_t_ci" in p.details:  # the curve over t with 95% intervals (refflow.validate.effects)
+                lines.append("      by t (95% interval): " + ", ".join(
+                    f"{k} {v[0]:.2g} [{v[2]:.2g}, {v[3]:.2g}]" for k, v in p.details["by_t_ci"].items()))
+            elif "by_t" in p.details:
                 lines.append("      by t: " + ", ".join(f"{k} {v:.2g}" for k, v in p.details["by_t"].items()))
             if p.causes:
                 for c in p.causes:
