@@ -313,3 +313,80 @@ def test_missing_dask_names_the_extra(monkeypatch):
 
 def test_partial_is_a_named_tuple():
     assert Partial._fields == ("m", "s", "s_x", "s_xx")
+
+
+# -- the check and the command -----------------------------------------------------------------
+
+def test_verify_check_passes_and_catches_its_control():
+    from refflow.verify.registry import registered, run_check
+
+    (entry,) = [e for e in registered() if e.name == "empirical.streamed"]
+    result = run_check(entry, quick=True)
+    assert result.passed and result.control_caught and result.control_error > 1e3 * result.tolerance
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from refflow import cli
+    from refflow.targets import eight_gaussians
+
+    folder = tmp_path_factory.mktemp("emp")
+    assert cli.main(["train", "--steps", "20", "--hidden", "8", "--batch-size", "32", "--quiet",
+                     "--out", str(folder / "m.npz")]) == 0
+    np.save(folder / "d.npy", eight_gaussians().sample(300, 0))
+    return folder
+
+
+def test_cli_reports_field_distance_and_copies(checkpoint, capsys):
+    import json
+
+    from refflow import cli
+
+    out = checkpoint / "r.json"
+    assert cli.main(["empirical", str(checkpoint / "m.npz"), "--data", str(checkpoint / "d.npy"),
+                     "--times", "0.2,0.8", "--n-query", "64", "--samples", "50", "--steps", "10",
+                     "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["t"] for r in report["field_distance"]] == [0.2, 0.8]
+    assert all(np.isfinite(r["relative"]) and r["relative"] > 0 for r in report["field_distance"])
+    assert report["samples"]["n"] == 50 and 0.0 <= report["samples"]["copy_fraction"] <= 1.0
+    assert "nearest training point" in capsys.readouterr().out
+
+
+def test_cli_dask_gives_the_same_numbers(checkpoint):
+    pytest.importorskip("dask.distributed")
+    import json
+
+    from refflow import cli
+
+    base = ["empirical", str(checkpoint / "m.npz"), "--data", str(checkpoint / "d.npy"), "--times", "0.5",
+            "--n-query", "32", "--samples", "0"]
+    assert cli.main(base + ["--out", str(checkpoint / "a.json")]) == 0
+    assert cli.main(base + ["--dask", "--workers", "2", "--out", str(checkpoint / "b.json")]) == 0
+    a, b = (json.loads((checkpoint / f).read_text())["field_distance"][0] for f in ("a.json", "b.json"))
+    assert abs(a["rms_memorising"] - b["rms_memorising"]) <= 1e-13 * a["rms_memorising"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--times", "0.5,1.0"], "sigma_t = 0"),
+    (["--times", "0.5,1.5"], "--times: expected a finite value in [0.0, 1.0], got 1.5"),
+    (["--key", "a"], "--key: applies only to a .npz data file"),
+    (["--workers", "3"], "--workers: applies only with --dask"),
+    (["--n-query", "0"], "--n-query: expected an integer >= 1, got 0"),
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(checkpoint, capsys, extra, message):
+    from refflow import cli
+
+    out = checkpoint / "bad.json"
+    rc = cli.main(["empirical", str(checkpoint / "m.npz"), "--data", str(checkpoint / "d.npy"),
+                   "--samples", "0", "--out", str(out)] + extra)
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_cli_refuses_data_of_another_dimension(checkpoint, capsys):
+    from refflow import cli
+
+    np.save(checkpoint / "d3.npy", np.zeros((5, 3)))
+    assert cli.main(["empirical", str(checkpoint / "m.npz"), "--data", str(checkpoint / "d3.npy")]) == 2
+    assert "expected points of dimension 2 to match the model, got shape (5, 3)" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 # The subcommands, in the order ``refflow --help`` lists them.
-_SUBCOMMANDS = ("verify", "train", "sample", "likelihood", "check", "golden")
+_SUBCOMMANDS = ("verify", "train", "sample", "likelihood", "check", "golden", "empirical")
 
 
 def build_parser() -> argparse.ArgumentParser:
