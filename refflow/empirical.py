@@ -89,6 +89,8 @@ _LOG_2PI = math.log(2.0 * math.pi)
 # CPU; on a GPU a bigger block keeps the device busy (2**26: 512 MiB).
 _BLOCK_ELEMENTS = 1 << 22
 _BLOCK_ELEMENTS_DEVICE = 1 << 26
+# Elements of one block of data rows on the CPU (8 MiB of float64).
+_DATA_BLOCK_ELEMENTS = 1 << 20
 # Queries are taken this many at a time against each data block.
 _QUERY_CHUNK = 2048
 _EXP_FLOOR = -700.0
@@ -192,11 +194,29 @@ def _read_block(xp, data, start, stop):
     block = data[start:stop]
     if xp is not np and not is_device_array(block):
         block = xp.asarray(np.asarray(block, dtype=np.float64))  # host -> device, block by block
-    block = block.astype(np.float64, copy=False)
+    block = block.astype(np.float64, copy=isinstance(block, np.memmap))  # a memmap's rows: copied out
+    _release_pages(data)
     if not bool(xp.all(xp.isfinite(block))):
         bad = int(block.size - int(xp.count_nonzero(xp.isfinite(block))))
         raise ValueError(f"data: expected finite values, got {bad} NaN or inf entries in rows {start} to {stop - 1}")
     return block
+
+
+def _release_pages(data):
+    """Let the kernel drop the pages of a memory-mapped file already read (they would count as ours).
+
+    Without this a pass over a memory-mapped data set leaves the whole file resident in
+    this process, so its memory would grow with N; the block was copied out before.
+    """
+    mm = getattr(data, "_mmap", None)  # numpy.memmap keeps its mmap.mmap here
+    if mm is None or not hasattr(mm, "madvise"):
+        return
+    try:
+        import mmap
+
+        mm.madvise(mmap.MADV_DONTNEED)
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 def default_center(data):
@@ -252,11 +272,16 @@ def _validate_queries(data, x, t, path):
     return xp, x, t
 
 
-def _block_rows(xp, n_queries, block_size):
+def _block_rows(xp, n_queries, block_size, d=1):
+    """Data rows per block: the given ``block_size``, else as many as keep both the block of
+    logits and the data block itself (about 8 MiB on the CPU, so it stays in cache) in budget."""
     if block_size is not None:
         return check_scalar(block_size, "block_size", low=1, integer=True)
-    budget = _BLOCK_ELEMENTS if xp is np else _BLOCK_ELEMENTS_DEVICE
-    return max(1, budget // max(1, min(n_queries, _QUERY_CHUNK)))
+    device = xp is not np
+    budget = _BLOCK_ELEMENTS_DEVICE if device else _BLOCK_ELEMENTS
+    by_logits = budget // max(1, min(n_queries, _QUERY_CHUNK))
+    by_data = (_BLOCK_ELEMENTS_DEVICE if device else _DATA_BLOCK_ELEMENTS) // (d + 3)
+    return max(1, min(by_logits, by_data))
 
 
 # -- the streamed sums ------------------------------------------------------------------
@@ -306,7 +331,7 @@ def partial_sums(data, x, t, path, *, weights=None, rows=None, center=None, bloc
     alpha, sigma2, _, _ = _schedule(xp, path, t, n)
     _require_positive_sigma(path, t, sigma2)
     c_xp = xp.asarray(c)
-    B = _block_rows(xp, n, block_size)
+    B = _block_rows(xp, n, block_size, d)
     weighted = w is not None
 
     # The queries' side of the product: [a (x - alpha c), -a alpha / 2, 0, (1)], a = alpha / sigma^2.
@@ -322,10 +347,10 @@ def partial_sums(data, x, t, path, *, weights=None, rows=None, center=None, bloc
     running = [None] * len(chunks)
     for lo in range(start, max(start, stop), B):
         hi = min(stop, lo + B)
-        y = _read_block(xp, data, lo, hi) - c_xp[None, :]
         A = xp.empty((hi - lo, width))
-        A[:, :d] = y
-        A[:, d] = xp.sum(y * y, axis=1)
+        y = A[:, :d]
+        xp.subtract(_read_block(xp, data, lo, hi), c_xp[None, :], out=y)  # written in place: no temporary
+        A[:, d] = xp.einsum("ij,ij->i", y, y)
         A[:, d + 1] = 1.0
         if weighted:
             wb = w[lo:hi]
@@ -633,7 +658,7 @@ def nearest_distances(data, x, *, k=2, block_size=None):
     x = check_points(x, "x", d)
     k = check_scalar(k, "k", low=1, high=N, integer=True)
     n = x.shape[0]
-    B = _block_rows(xp, n, block_size)
+    B = _block_rows(xp, n, block_size, d)
     best_d2 = xp.full((n, k), np.inf)
     best_i = xp.zeros((n, k), dtype=np.int64)
     x2 = xp.sum(x * x, axis=1)
