@@ -233,3 +233,24 @@ def test_train_with_an_exact_coupling_runs_and_refuses_bad_couplings():
     assert np.all(np.isfinite(a.params))
     with pytest.raises(ValueError, match="coupling: expected"):
         train(model, eight_gaussians(), OTPath(), steps=1, batch_size=8, rng=0, coupling="sinkhorn")
+
+
+def test_check_command_coupling(tmp_path, monkeypatch, capsys):
+    from refflow import cli
+
+    (tmp_path / "my_ot.py").write_text(
+        "from refflow.couplings import exact_plan\n"
+        "def plan(x_0, x_1):\n    return exact_plan(x_0, x_1)\n"
+        "def transposed(x_0, x_1):\n    return exact_plan(x_0, x_1).T\n")
+    monkeypatch.chdir(tmp_path)
+    args = ["check", "--kind", "coupling", "--case", CASE, "--timeout", "0"]
+    assert cli.main(args + ["--impl", "my_ot.py:plan"]) == 0
+    assert "PASSED" in capsys.readouterr().out
+    assert cli.main(args + ["--impl", "my_ot.py:transposed"]) == 1
+    assert "plan transposed" in capsys.readouterr().out
+    assert cli.main(args + ["--impl", "my_ot.py:plan", "--method", "sinkhorn"]) == 2
+    assert "reg: expected the entropic" in capsys.readouterr().err
+    assert cli.main(["check", "--kind", "path", "--reg", "0.1", "--impl", "my_ot.py:plan", "--case", CASE]) == 2
+    assert "--reg: applies only to --kind coupling" in capsys.readouterr().err
+    assert cli.main(["check", "--list"]) == 0
+    assert CASE in capsys.readouterr().out

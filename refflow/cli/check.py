@@ -21,14 +21,14 @@ from refflow.cli._common import (EXIT_INTERRUPTED, UsageError, check_float, chec
 
 __all__ = ["register", "cmd_check", "catalog_table"]
 
-_KINDS = ("path", "field", "loglik", "sampler", "guided")
+_KINDS = ("path", "field", "loglik", "sampler", "guided", "coupling")
 
 
 def register(sub) -> None:
     """Add ``check`` to the ``refflow`` subparsers."""
     p = sub.add_parser(
         "check",
-        help="check your implementation (path, field, loglik, sampler, guided) against ground truth",
+        help="check your implementation (path, field, loglik, sampler, guided, coupling) against ground truth",
         description="Check an implementation against closed-form ground truth on a catalog case; "
                     "prints one row per property with its error, tolerance, result and likely cause.",
     )
@@ -49,6 +49,9 @@ def register(sub) -> None:
            help="guided: the weighting the implementation claims (auto: detect)")
     option(p, "--conditional", action="store_true",
            help="field: pass labels y as a third argument (when off: when the function takes three)")
+    option(p, "--method", choices=("exact", "sinkhorn"), default=None,
+           help="coupling: exact OT (default) or entropic OT (sinkhorn, with --reg)")
+    option(p, "--reg", type=float, default=None, help="coupling, sinkhorn: the entropic regularisation epsilon")
     option(p, "--case-file", default=None, metavar="PATH",
            help="a case of your own instead of --case: .json or .npz written by Case.to_json / Case.save_npz")
     option(p, "--adapter", choices=("none", "auto", "torch", "jax", "flow_matching", "torchcfm"), default="none",
@@ -67,10 +70,10 @@ def register(sub) -> None:
 
 def catalog_table() -> str:
     """The catalog as a readable table."""
-    from refflow.validate import catalog
+    from refflow.validate import catalog, interpolant_catalog
 
     header = ("case", "components", "classes", "kinds")
-    rows = [(c.name, str(c.target.n_components), str(c.n_classes), ",".join(c.kinds)) for c in catalog()]
+    rows = [(c.name, str(c.target.n_components), str(c.n_classes), ",".join(c.kinds)) for c in catalog() + interpolant_catalog()]
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
     lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in [header] + rows]
     return "\n".join(lines)
@@ -112,7 +115,9 @@ def _run(args) -> int:
     check_int("--seed", args.seed, 0)
     refuse_unless(given, "convention", args.kind == "guided", "applies only to --kind guided")
     refuse_unless(given, "conditional", args.kind == "field", "applies only to --kind field")
-    refuse_unless(given, "batch_size", args.kind != "sampler", "does not apply to --kind sampler")
+    refuse_unless(given, "batch_size", args.kind not in ("sampler", "coupling"), f"does not apply to --kind {args.kind}")
+    refuse_unless(given, "method", args.kind == "coupling", "applies only to --kind coupling")
+    refuse_unless(given, "reg", args.kind == "coupling", "applies only to --kind coupling")
     for dest in ("max_gap", "max_energy", "max_weight_error"):
         refuse_unless(given, dest, args.kind == "sampler", "applies only to --kind sampler")
         if getattr(args, dest) is not None:
@@ -131,6 +136,10 @@ def _run(args) -> int:
         options["convention"] = args.convention
     if args.kind == "field" and args.conditional:
         options["conditional"] = True
+    if args.method is not None:
+        options["method"] = args.method
+    if args.reg is not None:
+        options["reg"] = args.reg
     for dest in ("max_gap", "max_energy", "max_weight_error"):
         if getattr(args, dest) is not None:
             options[dest] = getattr(args, dest)

@@ -32,7 +32,15 @@ kind          the function               compared with
                                          :math:`p_1`; ``seed`` is an int
 ``guided``    ``(t, x, y, w) -> u``      eq 40 in either weighting convention,
                                          ``w`` a float, ``y`` labels ``>= 0``
+``coupling``  ``(x_0, x_1) ->`` a plan   exact or entropic OT for the squared
+              ``(n, m)`` or a re-paired  cost (:mod:`~refflow.validate.coupling`;
+              batch ``(x_0', x_1')``     ``method=``, ``reg=``)
 ============  =========================  ==========================================
+
+On an interpolant case (:func:`interpolant_catalog`) the ``path`` kind is
+``(x_0, x_1, t, eps) -> (x_t, u_t)`` with
+:math:`x_t = a_t x_0 + b_t x_1 + \gamma_t \epsilon`, or ``(x_0, x_1, t)`` for
+an implementation that draws its own noise (:mod:`~refflow.validate.interpolant`).
 
 ``t`` is an array of shape ``(n,)`` (one time per row), ``y`` int64 of shape
 ``(n,)``.  Outputs may be NumPy arrays, anything ``numpy.asarray`` accepts,
@@ -83,9 +91,11 @@ from refflow.validate.catalog import Case, catalog, get_case, interpolant_catalo
 from refflow.validate.cases import bind_case, load_case_file, make_case
 from refflow.validate.causes import CAUSES
 from refflow.validate.coupling import check_coupling
+from refflow.validate.coupling import check_coupling
 from refflow.validate.errors import row_error
 from refflow.validate.field import check_field
 from refflow.validate.guided import GUIDANCE_WEIGHTS, check_guided
+from refflow.validate.interpolant import check_interpolant
 from refflow.validate.interpolant import check_interpolant
 from refflow.validate.loglik import LOGLIK_TOL, check_loglik
 from refflow.validate.path import check_path
@@ -114,6 +124,8 @@ __all__ = [
     "check_loglik",
     "check_sampler",
     "check_guided",
+    "check_interpolant",
+    "check_coupling",
     "check_interpolant",
     "check_coupling",
     "row_error",
