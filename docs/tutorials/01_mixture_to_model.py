@@ -116,6 +116,9 @@ model = MLP(2, HIDDEN, "silu")
 state = train(model, target, path, steps=STEPS, batch_size=256, lr=2e-3, rng=12345, ema_decay=0.99)
 params = state.final_params
 print(f"{state.step} steps, last losses {np.round(state.losses[-3:], 3)}")
+if FAST:
+    print(f"REFFLOW_FAST is set: {STEPS} steps only, so the model below is barely trained and the "
+          "numbers and figures show the plumbing, not the method; run without it for a trained model")
 
 # %% [markdown]
 # How close is the learned field to eq 19? The relative L2 error over
