@@ -186,13 +186,25 @@ def case_parameters(case) -> dict:
     return out
 
 
+def _tabulate(fn, t) -> list:
+    """``fn`` on the grid; None (JSON null) where it is not finite (e.g. the VP path's sigma_t' at t = 1)."""
+    try:
+        with np.errstate(all="ignore"):
+            values = np.asarray(fn(t), dtype=np.float64)
+    except ValueError:  # a path that refuses an end point: tabulate the inner points one by one
+        values = np.empty(t.shape)
+        for i, ti in enumerate(t):
+            try:
+                values[i] = float(np.asarray(fn(t[i:i + 1]))[0])
+            except ValueError:
+                values[i] = np.nan
+    return [float(v) if np.isfinite(v) else None for v in values]
+
+
 def _schedule(path: AffinePath) -> dict:
     t = np.linspace(0.0, 1.0, _SCHEDULE_POINTS)
-    with np.errstate(all="ignore"):
-        alpha, sigma = path.alpha(t), path.sigma(t)
-        d_alpha, d_sigma = path.d_alpha(t), path.d_sigma(t)
-    return {"t": t.tolist(), "alpha": np.asarray(alpha).tolist(), "sigma": np.asarray(sigma).tolist(),
-            "d_alpha": np.asarray(d_alpha).tolist(), "d_sigma": np.asarray(d_sigma).tolist()}
+    return {"t": t.tolist(), "alpha": _tabulate(path.alpha, t), "sigma": _tabulate(path.sigma, t),
+            "d_alpha": _tabulate(path.d_alpha, t), "d_sigma": _tabulate(path.d_sigma, t)}
 
 
 def case_to_dict(case) -> dict:
@@ -202,7 +214,8 @@ def case_to_dict(case) -> dict:
     (``type`` ``"gaussian_mixture"`` or ``"empirical"``, ``weights``, ``means``
     or ``points``, ``covariances`` (full d x d), ``labels``) and ``path``
     (its config, and ``schedule``: :math:`t, \\alpha_t, \\sigma_t, \\alpha_t',
-    \\sigma_t'` on 101 points of [0, 1]).
+    \\sigma_t'` on 101 points of [0, 1]; null where not finite, e.g. the VP path's
+    :math:`\\sigma_t'` at t = 1).
     """
     target = case.target
     params = case_parameters(case)
@@ -268,9 +281,9 @@ def save_case_npz(case, file) -> None:
     params = case_parameters(case)
     sched = data["path"]["schedule"]
     arrays = {"weights": params["weights"], "means": params["means"], "covariances": params["covariances"],
-              "t": np.asarray(sched["t"]), "alpha_t": np.asarray(sched["alpha"]),
-              "sigma_t": np.asarray(sched["sigma"]), "d_alpha_t": np.asarray(sched["d_alpha"]),
-              "d_sigma_t": np.asarray(sched["d_sigma"]), "case_json": np.asarray(json.dumps(data))}
+              "t": np.asarray(sched["t"]), "case_json": np.asarray(json.dumps(data))}
+    for key in ("alpha", "sigma", "d_alpha", "d_sigma"):  # NaN where the JSON has null
+        arrays[key + "_t"] = np.array([np.nan if v is None else v for v in sched[key]])
     if params["labels"] is not None:
         arrays["labels"] = params["labels"]
     buf = io.BytesIO()
