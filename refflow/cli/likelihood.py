@@ -21,6 +21,7 @@ names a preset target.
 """
 from __future__ import annotations
 
+import gc
 import io
 
 import numpy as np
@@ -122,6 +123,10 @@ def _solve_batched(field, x, args, rng, batch, label):
             if stderr is not None:
                 stderr[lo:hi] = res.log_p_stderr
             nfe, method = nfe + res.nfe, res.method
+            # The solver's objects form reference cycles that hold the batch's arrays until the
+            # cyclic collector runs; collect now so that memory stays that of one batch.
+            del res
+            gc.collect()
             if bar is not None:
                 bar.update(hi)
     finally:

@@ -10,6 +10,7 @@ per batch (each batch within ``--rtol``/``--atol``).  The samples and the
 """
 from __future__ import annotations
 
+import gc
 import io
 
 import numpy as np
@@ -93,6 +94,10 @@ def cmd_sample(args) -> int:
                             rtol=args.rtol, atol=args.atol)
             x_1[lo:hi] = sol.x
             nfe += sol.nfe
+            # The solver's objects form reference cycles that hold the batch's arrays until the
+            # cyclic collector runs; collect now so that memory stays that of one batch.
+            del sol
+            gc.collect()
             if bar is not None:
                 bar.update(hi)
     finally:
