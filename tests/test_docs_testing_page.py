@@ -41,6 +41,7 @@ def test_a_docs_test_file_passes_as_written(name, needs, pytester, monkeypatch):
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
     pytester.makepyfile(**{name: _test_files()[name]})
     result = pytester.runpytest_subprocess("-p", "refflow.pytest_plugin", "-p", "no:cacheprovider", "-q")
+    assert result.ret == 0, "\n".join(result.outlines[-60:])
     result.assert_outcomes(passed=3)
 
 
