@@ -502,6 +502,8 @@ def shard_rows(N, shards):
 
 
 def _dask_partial(source, data, x, t, path, w, kw, scheduler, client, n_workers, shards):
+    if client is None and not (isinstance(scheduler, str) and scheduler):
+        raise TypeError(f"scheduler: expected None, 'local' or a scheduler address, got {scheduler!r}")
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError:

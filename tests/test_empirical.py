@@ -219,8 +219,7 @@ def test_bad_input_is_refused_with_the_value():
         evaluate(X[:, 0], x, 0.5, path)
     with pytest.raises(ValueError, match=r"data: expected at least one point"):
         evaluate(X[:0], x, 0.5, path)
-    with pytest.raises(TypeError, match="scheduler: expected None, 'local' or a scheduler address"):
-        pytest.importorskip("dask.distributed")
+    with pytest.raises(TypeError, match="scheduler: expected None, 'local' or a scheduler address, got 3"):
         evaluate(X, x, 0.5, path, scheduler=3)
 
 
@@ -390,3 +389,23 @@ def test_cli_refuses_data_of_another_dimension(checkpoint, capsys):
     np.save(checkpoint / "d3.npy", np.zeros((5, 3)))
     assert cli.main(["empirical", str(checkpoint / "m.npz"), "--data", str(checkpoint / "d3.npy")]) == 2
     assert "expected points of dimension 2 to match the model, got shape (5, 3)" in capsys.readouterr().err
+
+
+def test_cli_without_the_extras_says_which(checkpoint, capsys, monkeypatch):
+    import builtins
+
+    from refflow import cli
+
+    real = builtins.__import__
+
+    def hidden(name, *a, **k):
+        if name.startswith(("dask", "sklearn")):
+            raise ImportError(f"{name} hidden")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", hidden)
+    model = str(checkpoint / "m.npz")
+    assert cli.main(["empirical", model, "--data", str(checkpoint / "d.npy"), "--dask"]) == 2
+    assert '--dask: needs dask.distributed; install the extra with pip install -e ".[dask]"' in capsys.readouterr().err
+    assert cli.main(["empirical", model, "--data", "digits"]) == 2
+    assert 'pip install -e ".[data]"' in capsys.readouterr().err

@@ -47,7 +47,10 @@ def _load_data(args):
     from refflow import empirical
 
     if args.data == "digits":
-        return empirical.digits()
+        try:
+            return empirical.digits()
+        except ImportError as exc:
+            raise UsageError(f"--data: {exc}") from None
     check_input_file("--data", args.data)
     return empirical.load_points(args.data, key=args.key)
 
@@ -67,6 +70,11 @@ def _check(args, given):
     refuse_unless(given, "workers", args.dask and args.scheduler is None,
                   "applies only with --dask and no --scheduler (a local cluster)")
     refuse_unless(given, "scheduler", args.dask, "applies only with --dask")
+    if args.dask:
+        try:
+            import dask.distributed  # noqa: F401
+        except ImportError:
+            raise UsageError('--dask: needs dask.distributed; install the extra with pip install -e ".[dask]"') from None
     return _times(args.times)
 
 
