@@ -91,11 +91,9 @@ from refflow.validate.catalog import Case, catalog, get_case, interpolant_catalo
 from refflow.validate.cases import bind_case, load_case_file, make_case
 from refflow.validate.causes import CAUSES
 from refflow.validate.coupling import check_coupling
-from refflow.validate.coupling import check_coupling
 from refflow.validate.errors import row_error
 from refflow.validate.field import check_field
 from refflow.validate.guided import GUIDANCE_WEIGHTS, check_guided
-from refflow.validate.interpolant import check_interpolant
 from refflow.validate.interpolant import check_interpolant
 from refflow.validate.loglik import LOGLIK_TOL, check_loglik
 from refflow.validate.path import check_path
@@ -124,8 +122,6 @@ __all__ = [
     "check_loglik",
     "check_sampler",
     "check_guided",
-    "check_interpolant",
-    "check_coupling",
     "check_interpolant",
     "check_coupling",
     "row_error",
