@@ -339,44 +339,14 @@ def bug_loglik_missing_normaliser(x):
     return _cnf(x, normalised=False)
 
 
-def hutchinson_loglik_per_step(x, n_steps=50, probe="rademacher"):
-    """RK4 CNF whose divergence is a Hutchinson estimate with a fresh, unseeded probe every step.
-
-    Unbiased (each step's estimate is), so it is judged by its mean over repeated calls and passes.
-    """
-    rng = np.random.default_rng()
+def _hutchinson_rk4(x, probe, n_steps=50):
+    """RK4 CNF whose divergence is a Hutchinson estimate eps^T (du/dx) eps, ``probe(shape)`` giving eps."""
     n, d = x.shape
     h = 1e-5
 
     def rhs(t, state):
         x_t = state[:, :d]
-        if probe == "rademacher":
-            eps = rng.choice([-1.0, 1.0], size=x_t.shape)
-        else:                                # the mistake: E[eps^2] = 1/3, not 1
-            eps = rng.uniform(-1.0, 1.0, size=x_t.shape)
-        jvp = (_field_and_divergence(t, x_t + h * eps)[0] - _field_and_divergence(t, x_t - h * eps)[0]) / (2 * h)
-        return np.concatenate([_field_and_divergence(t, x_t)[0], np.sum(eps * jvp, axis=1)[:, None]], axis=1)
-
-    state, dt = np.concatenate([x, np.zeros((n, 1))], axis=1), -1.0 / n_steps
-    for k in range(n_steps):
-        t = 1.0 + k * dt
-        k1 = rhs(t, state)
-        k2 = rhs(t + dt / 2, state + dt / 2 * k1)
-        k3 = rhs(t + dt / 2, state + dt / 2 * k2)
-        k4 = rhs(t + dt, state + dt * k3)
-        state = state + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    x_0 = state[:, :d]
-    return -0.5 * np.sum(x_0**2, axis=1) - 0.5 * d * np.log(2 * np.pi) + state[:, d]
-
-
-def hutchinson_loglik_per_trajectory(x, n_steps=50):
-    """RK4 CNF with a Hutchinson divergence: one Rademacher probe per trajectory, fresh on every call."""
-    eps = np.random.default_rng().choice([-1.0, 1.0], size=x.shape)
-    n, d = x.shape
-    h = 1e-5
-
-    def rhs(t, state):
-        x_t = state[:, :d]
+        eps = probe(x_t.shape)
         jvp = (_field_and_divergence(t, x_t + h * eps)[0] - _field_and_divergence(t, x_t - h * eps)[0]) / (2 * h)
         return np.concatenate([_field_and_divergence(t, x_t)[0], np.sum(eps * jvp, axis=1)[:, None]], axis=1)
 
@@ -391,9 +361,25 @@ def hutchinson_loglik_per_trajectory(x, n_steps=50):
     return -0.5 * np.sum(state[:, :d] ** 2, axis=1) - 0.5 * d * np.log(2 * np.pi) + state[:, d]
 
 
+def hutchinson_loglik_per_step(x):
+    """Hutchinson with a fresh, unseeded Rademacher probe at every evaluation.
+
+    Unbiased (each step's estimate is), so it is judged by its mean over repeated calls and passes.
+    """
+    rng = np.random.default_rng()
+    return _hutchinson_rk4(x, lambda shape: rng.choice([-1.0, 1.0], size=shape))
+
+
+def hutchinson_loglik_per_trajectory(x):
+    """Hutchinson with one Rademacher probe per trajectory, fresh on every call."""
+    eps = np.random.default_rng().choice([-1.0, 1.0], size=x.shape)
+    return _hutchinson_rk4(x, lambda shape: eps)
+
+
 def bug_loglik_hutchinson_uniform_probe(x):
     """Hutchinson with a uniform(-1, 1) probe: E[eps eps^T] = I / 3, so the trace is a third too small."""
-    return hutchinson_loglik_per_step(x, probe="uniform")
+    rng = np.random.default_rng()
+    return _hutchinson_rk4(x, lambda shape: rng.uniform(-1.0, 1.0, size=shape))
 
 
 # ---------------------------------------------------------------------------

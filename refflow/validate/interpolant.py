@@ -30,7 +30,7 @@ from refflow.stats import FAMILY_ALPHA, bonferroni_z
 from refflow.validate.calling import Caller, ImplementationError, batched, resolve_impl
 from refflow.validate.catalog import get_case
 from refflow.validate.errors import row_error, row_scale
-from refflow.validate.judge import bound_rows, exact_property, inputs_property
+from refflow.validate.judge import bound_rows, exact_property, inputs_property, richardson_consistency
 from refflow.validate.precision import SAFETY, f32_exact, special_times, spread, time_shifts
 from refflow.validate.report import CheckReport, PropertyResult
 
@@ -361,41 +361,12 @@ def _u_given_x_t(ip, x_0, x_1, t, x_t, u_t, unit_roundoff, e_x, rows) -> Propert
 
 
 def _consistency(call, ip, x_0, x_1, t, eps, unit_roundoff) -> PropertyResult:
-    r"""u_t against a Richardson-extrapolated central difference of the implementation's own x_t.
-
-    The same construction as the Gaussian paths' (``refflow.validate.path``):
-    :math:`R = (4D(h) - D(2h))/3`, bound ``B_u + 1.5 B_x / h + |D(h) - D(2h)|``,
-    :math:`h \approx u^{1/3}` and times on a :math:`2^{-8}` grid, at fixed
-    :math:`(x_0, x_1, \epsilon)`.
-    """
-    h = 2.0 ** round(np.log2(unit_roundoff ** (1.0 / 3.0)))
-    low, high = max(0.05, 2.0 * h + 2.0**-7), min(0.95, 1.0 - 2.0 * h - 2.0**-7)
-    rows = np.flatnonzero((t >= low) & (t <= high))[:64]
-    if rows.size == 0:
-        return PropertyResult("consistency", "no rows in range", 0.0, None, None)
-    tc = np.round(t[rows] * 2.0**8) / 2.0**8
-    x0, x1, e = x_0[rows], x_1[rows], eps[rows]
-    x_p1, x_m1 = call(x0, x1, tc + h, e)[0], call(x0, x1, tc - h, e)[0]
-    x_p2, x_m2 = call(x0, x1, tc + 2 * h, e)[0], call(x0, x1, tc - 2 * h, e)[0]
-    u_mid = call(x0, x1, tc, e)[1]
-    d_h = (x_p1 - x_m1) / (2.0 * h)
-    d_2h = (x_p2 - x_m2) / (4.0 * h)
-    richardson = (4.0 * d_h - d_2h) / 3.0
-    b_x, b_u = interpolant_bounds(ip, x0, x1, tc, e, unit_roundoff)
-    allowed = b_u + 1.5 * b_x / h + np.abs(d_h - d_2h)
-    scale = row_scale(richardson)
-    err = row_error(u_mid, richardson, scale)
-    bound = bound_rows(allowed, scale)
-    ratio = np.where(np.isfinite(err), err / np.maximum(bound, np.finfo(float).tiny), np.inf)
-    worst = int(np.argmax(ratio))
-    passed = bool(np.all(err <= bound))
-    return PropertyResult(
-        "consistency",
-        f"the implementation's u_t vs a Richardson-extrapolated central difference (h = 2^{int(np.log2(h))}) "
-        f"of its own x_t in t at fixed (x_0, x_1, eps), {rows.size} rows with t in [{low:g}, {high:g}]",
-        float(err[worst]), float(bound[worst]), passed, [] if passed else ["target_inconsistent"],
-        {"tolerance_rule": "per row, u_t's rounding bound + 1.5 B_x / h + |D(h) - D(2h)| (truncation)",
-         "worst_t": float(tc[worst])})
+    """u_t against a Richardson difference of the implementation's own x_t at fixed (x_0, x_1, eps)
+    (:func:`refflow.validate.judge.richardson_consistency`, as for the Gaussian paths)."""
+    return richardson_consistency(
+        lambda rows, tc: call(x_0[rows], x_1[rows], tc, eps[rows]),
+        lambda rows, tc: interpolant_bounds(ip, x_0[rows], x_1[rows], tc, eps[rows], unit_roundoff),
+        t, unit_roundoff, " at fixed (x_0, x_1, eps)")
 
 
 def _repairs_batch(call, ip, x_0, x_1, t, eps, u_t) -> bool:

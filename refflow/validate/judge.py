@@ -7,7 +7,7 @@ from refflow.validate.causes import localised_near_one, match_variants, max_row_
 from refflow.validate.errors import row_error, row_scale
 from refflow.validate.report import PropertyResult
 
-__all__ = ["exact_property", "bound_rows", "inputs_property"]
+__all__ = ["exact_property", "bound_rows", "inputs_property", "richardson_consistency"]
 
 
 def bound_rows(bound, scale) -> np.ndarray:
@@ -110,3 +110,56 @@ def inputs_property(caller) -> PropertyResult:
         "inputs", "the implementation left the arrays it was given unchanged (refflow judged it on its own copy)",
         float(len(modified)), 0.0, not modified, ["modified_inputs"] if modified else [],
         {"modified": modified})
+
+
+def richardson_consistency(call_at, bounds_at, t, unit_roundoff, what: str) -> PropertyResult:
+    r"""The ``consistency`` property: u_t against a Richardson-extrapolated central difference of x_t (eq 27).
+
+    With :math:`D(h) = (x_{t+h} - x_{t-h}) / 2h`, :math:`R = (4 D(h) - D(2h))/3`
+    has truncation :math:`O(h^4)`, below :math:`|D(h) - D(2h)|` (three times
+    :math:`D(h)`'s own :math:`h^2` term); rounding errors :math:`B_x` of each
+    :math:`x` reach :math:`R` as at most :math:`1.5 B_x / h`.  The step
+    :math:`h \approx u^{1/3}` balances the two.  Times are moved to a
+    :math:`2^{-8}` grid, so :math:`t \pm h, t \pm 2h` are exact in every dtype.
+
+    Parameters
+    ----------
+    call_at : callable
+        ``call_at(rows, times) -> (x_t, u_t)``: the implementation on the
+        given rows (their other inputs fixed) at other times.
+    bounds_at : callable
+        ``bounds_at(rows, times) -> (B_x, B_u)``: the rounding bounds there.
+    t : array (n,)
+    unit_roundoff : float
+    what : str
+        What is held fixed, for the report.
+    """
+    h = 2.0 ** round(np.log2(unit_roundoff ** (1.0 / 3.0)))
+    # t +- 2h strictly inside (0, 1) after the move to the grid: sigma' may be infinite at t = 1
+    low, high = max(0.05, 2.0 * h + 2.0**-7), min(0.95, 1.0 - 2.0 * h - 2.0**-7)
+    rows = np.flatnonzero((t >= low) & (t <= high))[:64]
+    if rows.size == 0:
+        return PropertyResult("consistency", "no rows in range", 0.0, None, None)
+    tc = np.round(t[rows] * 2.0**8) / 2.0**8
+    x_p1, x_m1 = call_at(rows, tc + h)[0], call_at(rows, tc - h)[0]
+    x_p2, x_m2 = call_at(rows, tc + 2 * h)[0], call_at(rows, tc - 2 * h)[0]
+    u_mid = call_at(rows, tc)[1]
+    d_h = (x_p1 - x_m1) / (2.0 * h)
+    d_2h = (x_p2 - x_m2) / (4.0 * h)
+    richardson = (4.0 * d_h - d_2h) / 3.0
+    b_x, b_u = bounds_at(rows, tc)
+    allowed = b_u + 1.5 * b_x / h + np.abs(d_h - d_2h)
+    scale = row_scale(richardson)
+    err = row_error(u_mid, richardson, scale)
+    bound = bound_rows(allowed, scale)
+    ratio = np.where(np.isfinite(err), err / np.maximum(bound, np.finfo(float).tiny), np.inf)
+    worst = int(np.argmax(ratio))
+    passed = bool(np.all(err <= bound))
+    return PropertyResult(
+        "consistency",
+        f"the implementation's u_t vs a Richardson-extrapolated central difference (h = 2^{int(np.log2(h))}) "
+        f"of its own x_t in t{what} (eq 27), {rows.size} rows with t in [{low:g}, {high:g}]",
+        float(err[worst]), float(bound[worst]), passed, [] if passed else ["target_inconsistent"],
+        {"tolerance_rule": "per row, u_t's rounding bound + 1.5 B_x / h (rounding through the difference) "
+                           "+ |D(h) - D(2h)| (truncation)", "worst_t": float(tc[worst])},
+    )

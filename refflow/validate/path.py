@@ -9,7 +9,6 @@ from refflow.validate.calling import Caller, ImplementationError, batched, resol
 from refflow.validate.catalog import get_case
 from refflow.validate.causes import (
     SquaredSigmaPath,
-    SwappedPath,
     endpoint_evidence,
     ignores_x0,
     no_sigma_min,
@@ -17,7 +16,7 @@ from refflow.validate.causes import (
     sample_raw,
 )
 from refflow.validate.errors import row_error, row_scale
-from refflow.validate.judge import bound_rows, exact_property, inputs_property
+from refflow.validate.judge import bound_rows, exact_property, inputs_property, richardson_consistency
 from refflow.validate.precision import (
     SAFETY,
     f32_exact,
@@ -162,7 +161,7 @@ def check_path(impl, case, *, threshold=None, n: int = 512, seed=0, batch_size=N
     if nondeterministic and not own_noise:
         extra.append("nondeterministic")
 
-    squared, swapped, no_min = SquaredSigmaPath(path), SwappedPath(path), no_sigma_min(path)
+    squared, no_min = SquaredSigmaPath(path), no_sigma_min(path)
     x_variants = {
         "time_reversed": lambda: sample_raw(path, x_0, x_1, 1.0 - t),
         "sigma_squared": lambda: sample_raw(squared, x_0, x_1, t),
@@ -207,45 +206,11 @@ def check_path(impl, case, *, threshold=None, n: int = 512, seed=0, batch_size=N
 
 
 def _consistency(call, path, x_0, x_1, t, unit_roundoff) -> PropertyResult:
-    r"""u_t against a Richardson-extrapolated central difference of the implementation's own x_t.
-
-    With :math:`D(h) = (x_{t+h} - x_{t-h}) / 2h`, :math:`R = (4 D(h) - D(2h))/3`
-    has truncation :math:`O(h^4)`, below :math:`|D(h) - D(2h)|` (three times
-    :math:`D(h)`'s own :math:`h^2` term); rounding errors :math:`B_x` of each
-    :math:`x` reach :math:`R` as at most :math:`1.5 B_x / h`.  The step
-    :math:`h \approx u^{1/3}` balances the two.  Times are moved to a
-    :math:`2^{-8}` grid, so :math:`t \pm h, t \pm 2h` are exact in every dtype.
-    """
-    h = 2.0 ** round(np.log2(unit_roundoff ** (1.0 / 3.0)))
-    # t +- 2h strictly inside (0, 1) after the move to the grid: sigma' may be infinite at t = 1
-    low, high = max(0.05, 2.0 * h + 2.0**-7), min(0.95, 1.0 - 2.0 * h - 2.0**-7)
-    rows = np.flatnonzero((t >= low) & (t <= high))[:64]
-    if rows.size == 0:
-        return PropertyResult("consistency", "no rows in range", 0.0, None, None)
-    tc = np.round(t[rows] * 2.0**8) / 2.0**8
-    x0, x1 = x_0[rows], x_1[rows]
-    x_p1, x_m1 = call(x0, x1, tc + h)[0], call(x0, x1, tc - h)[0]
-    x_p2, x_m2 = call(x0, x1, tc + 2 * h)[0], call(x0, x1, tc - 2 * h)[0]
-    u_mid = call(x0, x1, tc)[1]
-    d_h = (x_p1 - x_m1) / (2.0 * h)
-    d_2h = (x_p2 - x_m2) / (4.0 * h)
-    richardson = (4.0 * d_h - d_2h) / 3.0
-    b_x, b_u = path_bounds(path, x0, x1, tc, unit_roundoff)
-    allowed = b_u + 1.5 * b_x / h + np.abs(d_h - d_2h)
-    scale = row_scale(richardson)
-    err = row_error(u_mid, richardson, scale)
-    bound = bound_rows(allowed, scale)
-    ratio = np.where(np.isfinite(err), err / np.maximum(bound, np.finfo(float).tiny), np.inf)
-    worst = int(np.argmax(ratio))
-    passed = bool(np.all(err <= bound))
-    return PropertyResult(
-        "consistency",
-        f"the implementation's u_t vs a Richardson-extrapolated central difference (h = 2^{int(np.log2(h))}) "
-        f"of its own x_t in t (eq 27), {rows.size} rows with t in [{low:g}, {high:g}]",
-        float(err[worst]), float(bound[worst]), passed, [] if passed else ["target_inconsistent"],
-        {"tolerance_rule": "per row, u_t's rounding bound + 1.5 B_x / h (rounding through the difference) "
-                           "+ |D(h) - D(2h)| (truncation)", "worst_t": float(tc[worst])},
-    )
+    """u_t against a Richardson difference of the implementation's own x_t (see :func:`richardson_consistency`)."""
+    return richardson_consistency(
+        lambda rows, tc: call(x_0[rows], x_1[rows], tc),
+        lambda rows, tc: path_bounds(path, x_0[rows], x_1[rows], tc, unit_roundoff),
+        t, unit_roundoff, "")
 
 
 def _law_of_x_t(path, x_1, x_t, t) -> PropertyResult:
