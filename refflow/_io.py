@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_savez",
-           "atomic_write_many", "atomic_folder", "sweep_stale"]
+           "atomic_write_many", "atomic_folder", "sweep_stale", "json_float", "jsonable"]
 
 _PREFIX = ".tmp-"
 # A temporary file without a readable process id (older refflow) is stale after this long.
@@ -188,3 +188,26 @@ def atomic_folder(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def json_float(value):
+    """A float for JSON: finite values as they are, inf and NaN as the strings ``"inf"``, ``"nan"``."""
+    value = float(value)
+    return value if np.isfinite(value) else str(value)
+
+
+def jsonable(obj):
+    """``obj`` with NumPy scalars and arrays made plain Python, for ``json.dumps`` (non-finite floats as strings)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return json_float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj

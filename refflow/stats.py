@@ -85,3 +85,16 @@ def energy_distance_test(X, Y, n_permutations: int, rng) -> tuple[float, float]:
 
 # Relabellings of the energy test: memory grows like (2 n_energy) x permutations.
 _MAX_PERMUTATIONS = 29999
+
+
+def standard_normal_z(eps):
+    r"""z-scores of the mean and the variance of each column of ``eps`` (m, d) against N(0, 1).
+
+    :math:`z_{mean} = \sqrt{m}\,|\bar\varepsilon|` and
+    :math:`z_{var} = |\overline{\varepsilon^2} - 1| / \sqrt{2/m}`
+    (:math:`\operatorname{Var}\varepsilon^2 = 2` for a standard normal).
+    Returns ``(z_mean, z_var)``, each of shape (d,).
+    """
+    eps = np.asarray(eps, dtype=np.float64)
+    m = eps.shape[0]
+    return np.abs(eps.mean(axis=0)) * np.sqrt(m), np.abs((eps**2).mean(axis=0) - 1.0) / np.sqrt(2.0 / m)

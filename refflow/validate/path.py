@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from refflow._validation import as_rng, check_scalar
-from refflow.stats import FAMILY_ALPHA, bonferroni_z
+from refflow.stats import FAMILY_ALPHA, bonferroni_z, standard_normal_z
 from refflow.validate.calling import Caller, ImplementationError, batched, resolve_impl
 from refflow.validate.catalog import get_case
 from refflow.validate.causes import (
@@ -220,8 +220,7 @@ def _law_of_x_t(path, x_1, x_t, t) -> PropertyResult:
     rows = np.flatnonzero((sigma >= 0.05) & (t <= 0.95))
     eps = (x_t[rows] - path._alpha(tc[rows]) * x_1[rows]) / sigma[rows, None]
     m, d = eps.shape
-    z_mean = np.abs(eps.mean(axis=0)) * np.sqrt(m)
-    z_var = np.abs((eps**2).mean(axis=0) - 1.0) / np.sqrt(2.0 / m)
+    z_mean, z_var = standard_normal_z(eps)
     z = float(max(z_mean.max(), z_var.max()))
     tol = bonferroni_z(2 * d, FAMILY_ALPHA)
     passed = bool(z <= tol)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 import refflow
-from refflow._io import atomic_write_text
+from refflow._io import atomic_write_text, json_float, jsonable
 from refflow.validate.causes import CAUSES
 
 __all__ = ["PropertyResult", "CheckReport"]
@@ -56,35 +56,14 @@ class PropertyResult:
         return {
             "name": self.name,
             "compared": self.compared,
-            "error": _json_float(self.error),
-            "tolerance": None if self.tolerance is None else _json_float(self.tolerance),
+            "error": json_float(self.error),
+            "tolerance": None if self.tolerance is None else json_float(self.tolerance),
             "passed": self.passed,
             "causes": list(self.causes),
             "likely_cause": self.likely_cause,
             "note": self.note,
-            "details": _jsonable(self.details),
+            "details": jsonable(self.details),
         }
-
-
-def _json_float(v):
-    v = float(v)
-    return v if np.isfinite(v) else str(v)
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        return _json_float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
 
 
 @dataclasses.dataclass
@@ -124,7 +103,7 @@ class CheckReport:
             "case": self.case,
             "impl": self.impl,
             "passed": self.passed,
-            "settings": _jsonable(self.settings),
+            "settings": jsonable(self.settings),
             "properties": [p.to_json() for p in self.properties],
         }
 

@@ -18,6 +18,8 @@ from typing import Callable
 
 import numpy as np
 
+from refflow._io import jsonable
+
 __all__ = ["Outcome", "CheckResult", "register", "registered", "run_check", "run_checks"]
 
 
@@ -69,25 +71,8 @@ class CheckResult:
         for key in ("error", "tolerance", "control_error"):
             value = out[key]
             out[key] = None if value is None or not np.isfinite(value) else float(value)
-        out["details"] = _jsonable(out["details"])
+        out["details"] = jsonable(out["details"])
         return out
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if np.isfinite(v) else str(v)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    return obj
 
 
 @dataclasses.dataclass
